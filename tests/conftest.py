@@ -8,9 +8,6 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DATA = SHARED / "data"
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "oracle: compares against a real peer tool (llama.cpp, ...)")
-
 
 @pytest.fixture(scope="session")
 def ggml_oracle():

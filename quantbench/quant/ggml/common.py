@@ -53,6 +53,19 @@ def f32_from_bytes(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float32)
 
 
+def cdiv(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
+    """C's correctly rounded float division ``a / b`` where one side may be a constant.
+
+    Torch may evaluate ``tensor / scalar`` (on CUDA) or ``scalar / tensor`` as a multiply by a
+    reciprocal, rounding twice; dividing two full tensors is always one IEEE division.
+    """
+    if not isinstance(a, torch.Tensor):
+        a = torch.full_like(b, a)
+    if not isinstance(b, torch.Tensor):
+        b = torch.full_like(a, b)
+    return a / b
+
+
 def seq_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over the last dim in C loop order (``s += x[j]`` from j=0), float32."""
     acc = torch.zeros(x.shape[:-1], dtype=torch.float32, device=x.device)

@@ -1,0 +1,73 @@
+"""Rich tables for what the commands made and what files hold."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from quantbench.formats.gguf import GGUFFile
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _short(v) -> str:
+    if isinstance(v, list):
+        head = ", ".join(repr(x) for x in v[:3])
+        return f"[{head}{', ...' if len(v) > 3 else ''}] ({len(v)} items)"
+    s = repr(v) if isinstance(v, str) else str(v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def print_gguf(g: GGUFFile, console: Console | None = None) -> None:
+    console = console or Console()
+    meta = Table(title=f"{g.path.name}: GGUF v{g.version}, {len(g.metadata)} keys, alignment {g.alignment}")
+    meta.add_column("key")
+    meta.add_column("type")
+    meta.add_column("value", overflow="fold")
+    for k, kv in g.metadata.items():
+        vt = kv.vtype.name + (f"[{kv.sub_type.name}]" if kv.sub_type is not None else "")
+        meta.add_row(k, vt, _short(kv.value))
+    console.print(meta)
+    tt = Table(title=f"{len(g.tensors)} tensors")
+    for c in ("name", "shape", "type", "bits/weight", "bytes"):
+        tt.add_column(c, justify="right" if c in ("bits/weight", "bytes") else "left")
+    total_bytes = total_el = 0
+    for t in g.tensors:
+        n = 1
+        for s in t.shape:
+            n *= s
+        total_bytes += t.nbytes
+        total_el += n
+        tt.add_row(t.name, "x".join(map(str, t.shape)), t.ggml_type, f"{8 * t.nbytes / n:.3f}", f"{t.nbytes:,}")
+    console.print(tt)
+    console.print(
+        f"total: {total_el:,} weights, {_fmt_bytes(total_bytes)} of tensor data, "
+        f"{8 * total_bytes / max(total_el, 1):.3f} bits/weight"
+    )
+
+
+def print_quantize_report(src: Path, report, console: Console | None = None) -> None:
+    console = console or Console()
+    counts = Counter(t.dst_type for t in report.tensors)
+    t = Table(title=f"{src.name} -> {report.output} ({report.ftype})")
+    for c in ("type", "tensors", "bytes"):
+        t.add_column(c, justify="right" if c != "type" else "left")
+    for ty, n in counts.most_common():
+        t.add_row(ty, str(n), _fmt_bytes(sum(x.dst_bytes for x in report.tensors if x.dst_type == ty)))
+    console.print(t)
+    src_bytes = sum(x.src_bytes for x in report.tensors)
+    im = sum(x.used_imatrix for x in report.tensors)
+    console.print(
+        f"wrote {report.output}: {_fmt_bytes(report.total_bytes)} of tensors "
+        f"({report.bits_per_weight:.3f} bits/weight; source {_fmt_bytes(src_bytes)}), "
+        f"{len(report.tensors)} tensors, {im} quantized with an imatrix, in {report.seconds:.1f} s"
+    )

@@ -1,0 +1,44 @@
+"""Q8_K: llama.cpp's intermediate 8-bit type for K-quant dot products (``quantize_row_q8_K_ref``).
+
+Block layout (292 bytes): d (f32), qs[256] (int8), bsums[16] (int16 sums of 16 quants each).
+It has no importance-weighted path, so ``qw`` is ignored. For an all-zero block C writes d and
+qs but leaves bsums untouched; we write zeros there (what a zeroed destination holds).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantbench.quant.ggml.common import f32_bytes, f32_from_bytes
+from quantbench.quant.ggml.search_symmetric import nearest_int_exact, rdiv
+from quantbench.quant.registry import GGMLType, register
+
+QK_K = 256
+TYPE_SIZE = 4 + QK_K + 2 * (QK_K // 16)
+
+
+def quantize_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    rows, n = x.shape
+    xb = x.reshape(-1, QK_K)
+    B = xb.shape[0]
+    idx = xb.abs().argmax(dim=1, keepdim=True)  # first index of the largest |x| (strict >)
+    mx = xb.gather(1, idx)
+    empty = (mx == 0).squeeze(1)
+    iscale = rdiv(-127.0, mx)
+    # iscale can overflow to inf for subnormal maxima; the bit-trick result and the int8 store
+    # wrap exactly as in C.
+    qs = nearest_int_exact(iscale * xb).clamp_(max=127).to(torch.int8)
+    qs = torch.where(empty.unsqueeze(1), torch.zeros_like(qs), qs)
+    bsums = qs.to(torch.int32).reshape(B, 16, 16).sum(2).to(torch.int16)  # exact integer sums
+    d = torch.where(empty, torch.zeros(B, dtype=torch.float32, device=x.device), rdiv(1.0, iscale).squeeze(1))
+    out = torch.cat([f32_bytes(d.unsqueeze(1)), qs.view(torch.uint8), bsums.contiguous().view(torch.uint8)], dim=1)
+    return out.reshape(rows, -1)
+
+
+def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
+    d = f32_from_bytes(b[:, :4])  # [B, 1]
+    qs = b[:, 4 : 4 + QK_K].contiguous().view(torch.int8).to(torch.float32)
+    return d * qs
+
+
+register(GGMLType("Q8_K", 15, QK_K, TYPE_SIZE, quantize_rows, dequantize_blocks))
