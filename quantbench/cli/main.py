@@ -54,17 +54,19 @@ def quantize(model: str, isq: str, output: str, imatrix: str | None, pure: bool,
 
     _set_threads(threads)
     src = resolve_model(model)
-    bar = tqdm(disable=no_progress, unit="tensor", desc=f"quantize {isq}", file=sys.stderr)
+    bars: list[tqdm] = []
 
     def progress(name: str, done: int, total: int) -> None:
-        bar.total = total
-        bar.set_postfix_str(name, refresh=False)
-        bar.update(1)
+        if not bars:
+            bars.append(tqdm(total=total, disable=no_progress, unit="tensor", desc=f"quantize {isq}", file=sys.stderr))
+        bars[0].set_postfix_str(name, refresh=False)
+        bars[0].update(1)
 
     try:
         report = quantize_gguf(src, output, isq, imatrix=imatrix, pure=pure, device=device, progress=progress)
     finally:
-        bar.close()
+        for b in bars:
+            b.close()
     print_quantize_report(src, report)
 
 

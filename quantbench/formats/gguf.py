@@ -113,7 +113,7 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     try:
         r = gguf.GGUFReader(p)
     except Exception as e:
-        raise FormatError(f"{p}: unreadable GGUF ({type(e).__name__}: {e})") from e
+        raise FormatError(f"{p}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from e
     metadata: dict[str, KV] = {}
     for key, fld in r.fields.items():
         if key.startswith("GGUF."):

@@ -60,6 +60,51 @@ class QuantizeReport:
         return 8.0 * self.total_bytes / max(self.n_elements, 1)
 
 
+@dataclass(frozen=True)
+class IsqChoice:
+    """What ``--isq`` asked for: a llama.cpp ftype (mixture rules) or one GGML type (pure)."""
+
+    ftype: str  # ftype whose rules drive the plan
+    file_type: int  # general.file_type written
+    pure: bool
+    single_type: str | None  # set when --isq named a GGML type that is no ftype
+
+
+def resolve_isq(isq: str, pure: bool = False) -> IsqChoice:
+    """llama-quantize's ftype names (and its Q3_K/Q4_K/Q5_K aliases) select its mixtures; any other
+    GGML type name quantizes every quantizable tensor to that type, with llama.cpp's shape fallbacks."""
+    from quantbench.errors import UnknownTypeError
+    from quantbench.plan.llama_mixture import FTYPES, get_ftype
+
+    try:
+        ft = get_ftype(isq)
+        get_type(ft.default_type)
+        return IsqChoice(ft.name, ft.file_type, pure, None)
+    except UnknownTypeError:
+        pass
+    try:
+        t = get_type(isq)
+    except UnknownTypeError:
+        from quantbench.quant.registry import all_types
+
+        supported = [n for n, f in FTYPES.items() if _supported(f.default_type)]
+        raise UnknownTypeError(
+            f"unknown --isq {isq!r}: not a llama.cpp ftype ({', '.join(supported)}) "
+            f"nor a GGML type ({', '.join(x.name for x in all_types())})"
+        ) from None
+    return IsqChoice("Q8_0", LLAMA_FTYPE_GUESSED, True, t.name)
+
+
+def _supported(type_name: str) -> bool:
+    from quantbench.errors import UnknownTypeError
+
+    try:
+        get_type(type_name)
+        return True
+    except UnknownTypeError:
+        return False
+
+
 def _layer_sort_key(name: str) -> tuple[int, bytes]:
     m = re.match(r"blk\.(\d+)\.", name)
     return (int(m.group(1)) if m else -1, name.encode())
@@ -108,17 +153,19 @@ def quantize_gguf(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> QuantizeReport:
     """Quantize GGUF ``src`` to ``dst`` with a llama.cpp ftype (``Q4_K_M``) or a single GGML type."""
-    from quantbench.plan.llama_mixture import TensorSpec, plan_tensors, resolve_isq
+    from quantbench.plan.llama_mixture import TensorSpec, plan_tensors
 
     t0 = time.perf_counter()
     dev = resolve_device(device)
     g: GGUFFile = read_gguf(src)
-    ftype_name, ftype_id, pure = resolve_isq(isq, pure)
+    choice = resolve_isq(isq, pure)
     im = read_imatrix(imatrix) if imatrix is not None else None
 
     tensors = sorted(g.tensors, key=lambda t: _layer_sort_key(t.name))
     specs = [TensorSpec(t.name, t.ne, t.ggml_type) for t in tensors]
-    plans = plan_tensors(specs, g.architecture, g.values(), ftype_name, pure=pure, has_imatrix=im is not None)
+    overrides = [(".*", choice.single_type)] if choice.single_type else []
+    plans = plan_tensors(specs, g.architecture, g.values(), choice.ftype, pure=choice.pure,
+                         has_imatrix=im is not None, tensor_type_overrides=overrides)
 
     missing: list[str] = []
     weights: dict[str, np.ndarray | None] = {}
@@ -134,7 +181,7 @@ def quantize_gguf(
 
     if slab_elements is None:
         slab_elements = (1 << 26) if dev.type == "cuda" else (1 << 22)
-    report = QuantizeReport(Path(dst), ftype_name)
+    report = QuantizeReport(Path(dst), choice.single_type or choice.ftype)
     with GGUFStreamWriter(dst, g.architecture, alignment=g.alignment) as w:
         for key, kv in g.metadata.items():
             if key in SPLIT_KEYS or key in ("general.quantization_version", "general.file_type"):
@@ -144,7 +191,7 @@ def quantize_gguf(
 
         VT = gguf.GGUFValueType
         w.add_kv("general.quantization_version", KV(QUANTIZATION_VERSION, VT.UINT32))
-        w.add_kv("general.file_type", KV(ftype_id, VT.UINT32))
+        w.add_kv("general.file_type", KV(choice.file_type, VT.UINT32))
         if im is not None:
             w.add_kv("quantize.imatrix.file", KV(str(imatrix)[:127], VT.STRING))
             if im.datasets:

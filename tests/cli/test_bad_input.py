@@ -20,10 +20,11 @@ def _run(args: list[str]):
 def _assert_clean_error(res, out: Path, needle: str) -> None:
     assert res.exit_code != 0
     assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
-    msg = res.output.strip()
-    assert msg.startswith("error: "), msg
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in res.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    msg = lines[0]
     assert needle in msg, msg
-    assert len(msg.splitlines()) == 1, msg
     assert not out.exists()
     assert not any(p.name.startswith(f".{out.name}.partial") for p in out.parent.iterdir())
 

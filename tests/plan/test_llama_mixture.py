@@ -308,7 +308,7 @@ def test_smollm2_like_q4_k_m_reasons():
     assert plans["token_embd.weight"].target_type == "Q8_0"  # tied, 576 % 256 != 0
     assert not plans["output_norm.weight"].quantized and plans["output_norm.weight"].target_type == "F32"
     assert plans["blk.0.ffn_down.weight"].target_type == "Q6_K"  # use_more_bits, rows of 1536 fit
-    assert plans["blk.5.ffn_down.weight"].target_type == "Q4_K"
+    assert plans["blk.4.ffn_down.weight"].target_type == "Q4_K"
     assert plans["blk.0.attn_q.weight"].target_type == "Q5_0"
     assert plans["blk.0.attn_q.weight"].fallback and "576 % 256 != 0" in plans["blk.0.attn_q.weight"].reason
     assert plans["blk.0.attn_v.weight"].target_type == "Q8_0"  # Q6_K -> fallback Q8_0

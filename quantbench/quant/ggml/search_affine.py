@@ -179,7 +179,8 @@ def make_qkx_quants(
         # rmin + rdelta*is + nmax in float32, left to right as C does
         steps = torch.arange(S, device=x.device, dtype=torch.float32)
         cand = (_f32(rmin, x) + _f32(rdelta, x) * steps) + _f32(float(nmax), x)
-        gc = max(1, _CHUNK_ELEMS // (n * S))
+        budget = _CHUNK_ELEMS if x.device.type == "cpu" else _CHUNK_ELEMS_ACCEL
+        gc = max(1, budget // (n * S))
         parts = [
             _qkx_candidates(xt[:, s:s + gc], wt[:, s:s + gc], xm[:, s:s + gc], rng[s:s + gc],
                             sum_w[s:s + gc], sum_x[s:s + gc], cand, nmax, use_mad)
