@@ -108,7 +108,10 @@ FTYPE_ALIASES: dict[str, str] = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5
 
 
 def get_ftype(ftype: str | int) -> FType:
-    """Look up an ftype by name (any case, aliases allowed) or by its LLAMA_FTYPE id."""
+    """Look up an ftype by name (any case, aliases allowed) or by its LLAMA_FTYPE id (as
+    llama-quantize does, a numeric string counts as an id)."""
+    if isinstance(ftype, str) and ftype.strip().isdigit():
+        ftype = int(ftype.strip())
     if isinstance(ftype, int) and not isinstance(ftype, bool):
         for f in FTYPES.values():
             if f.file_type == ftype:
@@ -218,7 +221,7 @@ def _hparams(arch: str, metadata: Mapping[str, Any]) -> _HParams:
 # Tensor names
 # ---------------------------------------------------------------------------------------------
 
-_BLK = re.compile(r"blk\.[ \t\n\v\f\r]*([+-]?\d+)")  # sscanf(name, "blk.%d.", ...)
+_BLK = re.compile(r"blk\.[ \t\n\v\f\r]*([+-]?[0-9]+)")  # sscanf(name, "blk.%d.", ...)
 
 
 def _layer_of(name: str) -> int | None:

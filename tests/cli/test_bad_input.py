@@ -20,10 +20,12 @@ def _run(args: list[str]):
 def _assert_clean_error(res, out: Path, needle: str) -> None:
     assert res.exit_code != 0
     assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert "Traceback" not in res.output
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    msg = lines[0]
+    lines = [ln for ln in res.stderr.split("\n") if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    # one error line, the last thing printed (a progress bar may precede it)
+    assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("error: "), res.stderr
+    msg = errors[0]
     assert needle in msg, msg
     assert not out.exists()
     assert not any(p.name.startswith(f".{out.name}.partial") for p in out.parent.iterdir())

@@ -22,7 +22,8 @@ QK4_NL = 32
 QK_K = 256
 NTRY = 7
 _GROUP_MAX_EPS = 1e-15  # GROUP_MAX_EPS is the float literal 1e-15f; compared as float32 below
-_CHUNK_BLOCKS = 8192    # blocks per chunk of the scale search: bounds the [32, chunk, 16] temporaries
+_CHUNK_BLOCKS_CPU = 2048      # blocks per chunk of the scale search: [chunk, 16] slices stay in cache
+_CHUNK_BLOCKS_OTHER = 1 << 17  # on accelerators fewer, larger kernels win
 
 
 def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -55,15 +56,6 @@ def _slot(x: torch.Tensor) -> torch.Tensor:
     return f.to(torch.int64) + 127
 
 
-def nearest_level(x: torch.Tensor) -> torch.Tensor:
-    """``kvalues_iq4nl[best_index_int8(16, kvalues_iq4nl, x)]`` as float32 (x finite)."""
-    _, lo, hi = _get_tables(x.device)
-    s = _slot(x)
-    lo_v = lo[s]
-    hi_v = hi[s]
-    return torch.where((x - lo_v) < (hi_v - x), lo_v, hi_v)
-
-
 def best_index(x: torch.Tensor) -> torch.Tensor:
     """``best_index_int8(16, kvalues_iq4nl, x)`` as int64, NaN and infinities included."""
     mu, lo, hi = _get_tables(x.device)
@@ -78,29 +70,41 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
     return torch.where(nz, 1.0 / torch.where(nz, d, torch.ones_like(d)), torch.zeros_like(d))
 
 
-def _signed_absmax(xb: torch.Tensor) -> torch.Tensor:
-    """First element of largest magnitude (the C loop keeps the first on ties), 0 if all are 0."""
-    m = xb.gather(1, xb.abs().argmax(dim=1, keepdim=True)).squeeze(1)
-    return torch.where(m.abs() > 0, m, torch.zeros_like(m))
+def _signed_absmax(v: torch.Tensor) -> torch.Tensor:
+    """C's ``if (fabsf(v) > amax) {amax = fabsf(v); max = v;}`` from 0: first largest magnitude,
+    0 if none is positive. NaN never wins there (the comparison is false); torch's argmax would
+    pick it, so NaN magnitudes count as 0."""
+    a = v.abs()
+    a = torch.where(torch.isnan(a), torch.zeros_like(a), a)
+    idx = a.argmax(dim=1, keepdim=True)
+    m = v.gather(1, idx).squeeze(1)
+    return torch.where(a.gather(1, idx).squeeze(1) > 0, m, torch.zeros_like(m))
 
 
 def _search_sums(xb: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``sumqx = Σ w*q*x`` and ``sumq2 = Σ w*q*q`` for every block and inverse scale, C loop order.
 
-    xb, w: [nb, 32]; ids: [nb, T]. Returns two [nb, T] tensors. Work is laid out [32, nb, T] so each
-    step of the sequential sum reads a contiguous slice.
+    xb, w: [nb, 32]; ids: [nb, T]. Returns two [nb, T] tensors. The loop runs over the element
+    position j (the order of the C sums) and handles all blocks and tries of one j at once;
+    callers keep nb small on CPU so those [nb, T] slices stay in cache.
     """
-    xt = xb.t().unsqueeze(2)                     # [32, nb, 1]
-    wt = w.t().unsqueeze(2)
-    q = nearest_level(xt * ids.unsqueeze(0))     # [32, nb, T]
-    wq = wt * q
-    a = wq * xt
-    b = wq * q
+    _, lo, hi = _get_tables(xb.device)
+    xt = xb.t().contiguous()
+    wt = w.t().contiguous()
     sumqx = torch.zeros_like(ids)
     sumq2 = torch.zeros_like(ids)
     for j in range(xb.shape[1]):
-        sumqx = sumqx + a[j]
-        sumq2 = sumq2 + b[j]
+        xj = xt[j].unsqueeze(1)
+        al = xj * ids
+        # x + 127 may round up to the next integer only when x is within half an ulp below it;
+        # that integer is then either no level (same slot contents) or the level x is nearest to.
+        s = al.clamp(-127.0, 112.0).add_(127.0).to(torch.int32).view(-1)
+        lo_v = lo.index_select(0, s).view_as(al)
+        hi_v = hi.index_select(0, s).view_as(al)
+        q = torch.where((al - lo_v) < (hi_v - al), lo_v, hi_v)
+        wq = wt[j].unsqueeze(1) * q
+        sumqx.add_(wq * xj)
+        sumq2.add_(wq * q)
     return sumqx, sumq2
 
 
@@ -113,14 +117,17 @@ def _block_scales(xb: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     # Blocks below the threshold are skipped in C; give them a harmless max so no inf/NaN appears.
     mx = torch.where(valid, mx, torch.ones_like(mx))
 
-    d0 = (-mx) / float(KVALUES_IQ4NL[0])         # -max/values[0]: (-max)/(-127.f)
+    # -max/values[0] = (-max)/(-127.f). The divisor is a tensor on purpose: CUDA torch turns
+    # division by a Python scalar into multiplication by its reciprocal, which is not exact.
+    d0 = (-mx) / torch.full_like(mx, float(KVALUES_IQ4NL[0]))
     tries = torch.arange(-NTRY, NTRY + 1, device=xb.device, dtype=torch.int32) + KVALUES_IQ4NL[0]
     ids = torch.cat([(1.0 / d0).unsqueeze(1), tries.to(torch.float32).unsqueeze(0) / mx.unsqueeze(1)], dim=1)
 
     sumqx = torch.empty(nb, 2 * NTRY + 2, dtype=torch.float32, device=xb.device)
     sumq2 = torch.empty_like(sumqx)
-    for s in range(0, nb, _CHUNK_BLOCKS):
-        e = min(nb, s + _CHUNK_BLOCKS)
+    chunk = _CHUNK_BLOCKS_CPU if xb.device.type == "cpu" else _CHUNK_BLOCKS_OTHER
+    for s in range(0, nb, chunk):
+        e = min(nb, s + chunk)
         sumqx[s:e], sumq2[s:e] = _search_sums(xb[s:e], w[s:e], ids[s:e])
 
     zero = torch.zeros(nb, dtype=torch.float32, device=xb.device)
@@ -164,8 +171,20 @@ def _iq4_nl_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     xb = x.reshape(-1, QK4_NL)
     scale = _block_scales(xb, _weights(xb, qw, rows))
     levels = best_index(_inverse(scale).unsqueeze(1) * xb)
-    out = torch.cat([fp16_bytes(scale.unsqueeze(1)), _pack_levels(levels)], dim=1)
+    out = torch.cat([_fp16_bytes_x86_nan(scale.unsqueeze(1)), _pack_levels(levels)], dim=1)
     return out.reshape(rows, -1)
+
+
+def _fp16_bytes_x86_nan(d: torch.Tensor) -> torch.Tensor:
+    """fp16 bytes, with NaN stored as 0xFE00 on every device.
+
+    A NaN scale (x*x overflowing to inf, then inf/inf) is x86's default NaN, negative, which
+    ggml's fp16 conversion stores as 0xFE00; CUDA would produce its own canonical 0x7FFF.
+    """
+    b = fp16_bytes(d)
+    nan = torch.isnan(d).repeat_interleave(2, dim=-1)
+    x86 = torch.tensor([0x00, 0xFE], dtype=torch.uint8, device=d.device).repeat(d.shape[-1])
+    return torch.where(nan, x86.expand_as(b), b)
 
 
 def _iq4_xs_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:

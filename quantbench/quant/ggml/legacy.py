@@ -20,6 +20,7 @@ from quantbench.quant.ggml.common import (
     pack_nibbles,
     roundf,
     seq_sum,
+    sqrtf,
     u32_le_to_bits,
 )
 from quantbench.quant.registry import GGMLType, register
@@ -48,7 +49,7 @@ def _row_weights(x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
     """Per-element weights ``qw[j] * sqrtf(sigma2 + x[j]^2)`` with the row's ``sigma2``, as blocks."""
     rows, n = x.shape
     sigma2 = cdiv(seq_sum(x * x), float(n))
-    w = qw.unsqueeze(0) * torch.sqrt(sigma2.unsqueeze(1) + x * x)
+    w = qw.unsqueeze(0) * sqrtf(sigma2.unsqueeze(1) + x * x)
     return _blocks(w)
 
 

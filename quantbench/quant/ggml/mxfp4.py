@@ -14,7 +14,7 @@ from quantbench.quant.registry import GGMLType, register
 
 QK_MXFP4 = 32
 KVALUES_MXFP4: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
-_CHUNK_BLOCKS = 16384  # bounds the [chunk, 32, 16] error temporaries
+_CHUNK_BLOCKS_CPU = 4096  # on CPU, cache-sized temporaries are much faster than fresh large ones
 
 
 def e8m0_to_fp32_half(e: torch.Tensor) -> torch.Tensor:
@@ -48,15 +48,54 @@ def shared_exponent(amax: torch.Tensor) -> torch.Tensor:
 
 
 def _best_index(xb: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``best_index_mxfp4``: first index of the smallest ``fabsf(kv*d - x)``, per element."""
-    kv = torch.tensor(KVALUES_MXFP4, dtype=torch.float32, device=xb.device)
-    out = torch.empty(xb.shape, dtype=torch.int64, device=xb.device)
-    for s in range(0, xb.shape[0], _CHUNK_BLOCKS):
-        e = min(xb.shape[0], s + _CHUNK_BLOCKS)
-        grid = kv * d[s:e].view(-1, 1, 1)                          # [c, 1, 16]
-        err = (grid - xb[s:e].unsqueeze(2)).abs_()                 # [c, 32, 16]
-        out[s:e] = err.argmin(dim=2)                               # first minimum, as strict <
+    """``best_index_mxfp4``: first index of the smallest ``fabsf(kv*d - x)``, per element.
+
+    Levels 8..15 mirror 0..7 and ``fabsf(-k*d - x) == fabsf(k*d - |x|)`` bit for bit when x < 0,
+    so the search runs on ``|x|`` over the non-negative levels 0..7. For x < 0 the mirrored index
+    is taken, except level 0, which ties with index 8 and wins by coming first (levels 1..7 cost
+    ``k*d + |x|``, more than level 0's ``|x|``).
+
+    Over the sorted levels ``fabsf(k*d - |x|)`` falls then rises (float rounding is monotone), so
+    the first minimum is the largest level ``<= |x|`` or the next one, the lower on a tie. With
+    d a power of two, ``k*d <= |x|`` iff ``k <= |x|/d``: the quotient is exact unless it is
+    subnormal, and then it is far below level 1 anyway.
+    """
+    out = torch.empty(xb.shape, dtype=torch.uint8, device=xb.device)
+    chunk = _CHUNK_BLOCKS_CPU if xb.device.type == "cpu" else xb.shape[0]
+    for s in range(0, xb.shape[0], chunk):
+        e = min(xb.shape[0], s + chunk)
+        out[s:e] = _best_index_chunk(xb[s:e], d[s:e])
     return out
+
+
+def _best_index_chunk(xb: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    lo_idx, lo_lvl, hi_lvl = _get_tables(xb.device)
+    ax = xb.abs()
+    dd = d.unsqueeze(1)
+    slot = torch.floor(torch.clamp(ax / dd, max=12.0)).to(torch.int32).view(-1)
+    lo_v = lo_lvl.index_select(0, slot).view_as(ax)
+    hi_v = hi_lvl.index_select(0, slot).view_as(ax)
+    take_hi = (lo_v * dd - ax).abs_() > (hi_v * dd - ax).abs_()
+    i = lo_idx.index_select(0, slot).view_as(ax) + take_hi.to(torch.uint8)
+    return torch.where((xb < 0) & (i > 0), i + 8, i)
+
+
+_TABLE_CACHE: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _get_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For ``slot = floor(min(|x|/d, 12))``: index and value of the largest level <= slot, and the
+    next level's value (the same level at the top, so a tie keeps it)."""
+    if device not in _TABLE_CACHE:
+        pos = KVALUES_MXFP4[:8]
+        lo = [max(i for i, v in enumerate(pos) if v <= s) for s in range(13)]
+        hi = [min(i + 1, 7) for i in lo]
+        _TABLE_CACHE[device] = (
+            torch.tensor(lo, dtype=torch.uint8, device=device),
+            torch.tensor([pos[i] for i in lo], dtype=torch.float32, device=device),
+            torch.tensor([pos[i] for i in hi], dtype=torch.float32, device=device),
+        )
+    return _TABLE_CACHE[device]
 
 
 def _mxfp4_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:

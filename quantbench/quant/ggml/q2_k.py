@@ -12,6 +12,7 @@ import torch
 from quantbench.quant.ggml.common import block_weights, fp16_bytes, fp16_from_bytes, fp16_round
 from quantbench.quant.ggml.q4_k import QK_K, requantize_affine, running_max_from_zero, seq_sum_last
 from quantbench.quant.ggml.search_affine import (
+    c_sqrtf,
     cdiv,
     ggml_nearest_int,
     make_qkx2_quants,
@@ -51,7 +52,7 @@ def _quantize_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         flat = xb.reshape(B, QK_K)
         sigma2 = cdiv(seq_sum_last(flat * flat), float(QK_K))
         qwb = block_weights(qw, rows, QK_K).reshape(B, _NSUB, 16)
-        weights = qwb * torch.sqrt(sigma2.reshape(B, 1, 1) + xb * xb)
+        weights = qwb * c_sqrtf(sigma2.reshape(B, 1, 1) + xb * xb)
         sw = seq_sum_last(weights)  # [B, 16]
         scales, mins, L = make_qkx3_quants(groups, weights.reshape(-1, 16), 3, -0.9, 0.05, 36, False)
         d, Ls = make_qp_quants(scales.reshape(B, _NSUB), sw, 15)

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import torch
 
-from quantbench.quant.ggml.common import fp16_bytes, fp16_from_bytes, fp16_round
-from quantbench.quant.ggml.search_symmetric import make_q3_quants, make_qx_quants, nearest_int_exact, rdiv, sqrtf
+from quantbench.quant.ggml.common import cdiv, fp16_from_bytes, fp16_round
+from quantbench.quant.ggml.search_symmetric import (
+    first_absmax,
+    fp16_bytes_c,
+    make_q3_quants,
+    make_qx_quants,
+    nearest_int_exact,
+    sqrtf,
+)
 from quantbench.quant.registry import GGMLType, register
 
 QK_K = 256
 TYPE_SIZE = QK_K // 8 + QK_K // 4 + 12 + 2
 _CHUNK = 16384  # super-blocks per pass: bounds temporary memory
-
-
-def _first_absmax_scale(scales: torch.Tensor) -> torch.Tensor:
-    idx = scales.abs().argmax(dim=1, keepdim=True)
-    return scales.gather(1, idx).squeeze(1)
 
 
 def _pack_scales(ls: torch.Tensor) -> torch.Tensor:
@@ -63,7 +65,7 @@ def _requantize_and_pack(
     q = L.reshape(B, 2, 4, 32)
     qs = (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(B, 64)
     return torch.cat(
-        [hmask.to(torch.uint8), qs.to(torch.uint8), _pack_scales(ls), fp16_bytes(d.unsqueeze(1))], dim=1
+        [hmask.to(torch.uint8), qs.to(torch.uint8), _pack_scales(ls), fp16_bytes_c(d.unsqueeze(1))], dim=1
     )
 
 
@@ -71,12 +73,12 @@ def _quantize_ref(xb: torch.Tensor) -> torch.Tensor:
     B = xb.shape[0]
     scales, L = make_q3_quants(xb.reshape(B * 16, 16), 4, True)
     scales = scales.reshape(B, 16)
-    max_scale = _first_absmax_scale(scales)
+    max_scale = first_absmax(scales, 1)
     has = max_scale != 0
-    iscale = rdiv(-32.0, max_scale)
+    iscale = cdiv(-32.0, max_scale)
     ls = nearest_int_exact(iscale.unsqueeze(1) * scales).clamp_(-32, 31) + 32
     ls = torch.where(has.unsqueeze(1), ls, torch.zeros_like(ls))
-    d = torch.where(has, rdiv(1.0, iscale), torch.zeros_like(iscale))
+    d = torch.where(has, cdiv(1.0, iscale), torch.zeros_like(iscale))
     return _requantize_and_pack(xb, L, ls, d)
 
 

@@ -13,6 +13,7 @@ import torch
 from quantbench.quant.ggml.common import block_weights, fp16_bytes, fp16_from_bytes, fp16_round
 from quantbench.quant.ggml.search_affine import (
     _seq_sum0,
+    c_sqrtf,
     cdiv,
     ggml_nearest_int,
     make_qkx2_quants,
@@ -92,7 +93,7 @@ def quantize_k_affine_32(
     groups = xb.reshape(-1, 32)
     if qw is None:
         sum_x2 = seq_sum_last(groups * groups)
-        av_x = torch.sqrt(cdiv(sum_x2, 32.0))
+        av_x = c_sqrtf(cdiv(sum_x2, 32.0))
         weights = av_x.unsqueeze(1) + groups.abs()
         rmin, rdelta, nstep = ref_search
         scales, mins, L = make_qkx2_quants(groups, weights, nmax, rmin, rdelta, nstep, False)
@@ -112,7 +113,7 @@ def quantize_k_affine_32(
         sum_x2 = seq_sum_last(flat * flat)
         sigma2 = cdiv(2 * sum_x2, float(QK_K))
         qwb = block_weights(qw, rows, QK_K).reshape(B, 8, 32)
-        weights = qwb * torch.sqrt(sigma2.reshape(B, 1, 1) + xb * xb)
+        weights = qwb * c_sqrtf(sigma2.reshape(B, 1, 1) + xb * xb)
         sw = seq_sum_last(weights)  # [B, 8]
         scales, mins, L = make_qkx3_quants(groups, weights.reshape(-1, 32), nmax, -0.9, 0.05, 36, False)
         d, ls = make_qp_quants(scales.reshape(B, 8), sw, 63)

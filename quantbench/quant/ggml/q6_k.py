@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from quantbench.quant.ggml.common import GROUP_MAX_EPS, fp16_bytes, fp16_from_bytes, fp16_round
-from quantbench.quant.ggml.search_symmetric import make_qx_quants, nearest_int_exact, rdiv
+from quantbench.quant.ggml.common import GROUP_MAX_EPS, cdiv, fp16_from_bytes, fp16_round
+from quantbench.quant.ggml.search_symmetric import first_absmax, fp16_bytes_c, make_qx_quants, nearest_int_exact
 from quantbench.quant.registry import GGMLType, register
 
 QK_K = 256
@@ -23,12 +23,11 @@ def _quantize_blocks(xb: torch.Tensor, qwb: torch.Tensor | None) -> torch.Tensor
     g = xb.reshape(B * 16, 16)
     scales, L = make_qx_quants(g, 32, 1, None if qwb is None else qwb.reshape(B * 16, 16))
     scales = scales.reshape(B, 16)
-    idx = scales.abs().argmax(dim=1, keepdim=True)
-    max_scale = scales.gather(1, idx).squeeze(1)
+    max_scale = first_absmax(scales, 1)
     empty = max_scale.abs() < GROUP_MAX_EPS  # C zeroes the whole block
 
-    iscale = rdiv(-128.0, max_scale)
-    d = rdiv(1.0, iscale)
+    iscale = cdiv(-128.0, max_scale)
+    d = cdiv(1.0, iscale)
     # C stores MIN(127, v) into int8 (|v| <= 128 in practice; the cast wraps like C's would)
     sc = nearest_int_exact(iscale.unsqueeze(1) * scales).clamp_(max=127).to(torch.int8)
     dq = fp16_round(d).unsqueeze(1) * sc.to(torch.float32)  # [B, 16]
@@ -44,7 +43,7 @@ def _quantize_blocks(xb: torch.Tensor, qwb: torch.Tensor | None) -> torch.Tensor
             ql.reshape(B, 128).to(torch.uint8),
             qh.reshape(B, 64).to(torch.uint8),
             sc.view(torch.uint8),
-            fp16_bytes(d.unsqueeze(1)),
+            fp16_bytes_c(d.unsqueeze(1)),
         ],
         dim=1,
     )

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from quantbench.quant.ggml.common import f32_bytes, f32_from_bytes
-from quantbench.quant.ggml.search_symmetric import nearest_int_exact, rdiv
+from quantbench.quant.ggml.common import cdiv, f32_bytes, f32_from_bytes
+from quantbench.quant.ggml.search_symmetric import first_absmax, nearest_int_exact
 from quantbench.quant.registry import GGMLType, register
 
 QK_K = 256
@@ -21,16 +21,15 @@ def quantize_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     rows, n = x.shape
     xb = x.reshape(-1, QK_K)
     B = xb.shape[0]
-    idx = xb.abs().argmax(dim=1, keepdim=True)  # first index of the largest |x| (strict >)
-    mx = xb.gather(1, idx)
+    mx = first_absmax(xb, 1).unsqueeze(1)
     empty = (mx == 0).squeeze(1)
-    iscale = rdiv(-127.0, mx)
+    iscale = cdiv(-127.0, mx)
     # iscale can overflow to inf for subnormal maxima; the bit-trick result and the int8 store
     # wrap exactly as in C.
     qs = nearest_int_exact(iscale * xb).clamp_(max=127).to(torch.int8)
     qs = torch.where(empty.unsqueeze(1), torch.zeros_like(qs), qs)
     bsums = qs.to(torch.int32).reshape(B, 16, 16).sum(2).to(torch.int16)  # exact integer sums
-    d = torch.where(empty, torch.zeros(B, dtype=torch.float32, device=x.device), rdiv(1.0, iscale).squeeze(1))
+    d = torch.where(empty, torch.zeros(B, dtype=torch.float32, device=x.device), cdiv(1.0, iscale).squeeze(1))
     out = torch.cat([f32_bytes(d.unsqueeze(1)), qs.view(torch.uint8), bsums.contiguous().view(torch.uint8)], dim=1)
     return out.reshape(rows, -1)
 

@@ -4,8 +4,7 @@
 Every function works on many groups at once: ``x`` is ``[G, n]`` (one group per row) and the
 result is one scale (and min) per group plus the integer levels. Loops in Python run only over
 the ``n`` positions of a group (so sums accumulate in C order), over candidate scales where the
-C code updates a running best, or over refinement passes. Candidate scales are evaluated all at
-once and the C "keep the first strictly better" rule is rebuilt with a first-index argmin.
+C code updates a running best, or over refinement passes.
 
 Two torch traps matter for bit-exactness on CUDA: ``python_scalar / tensor`` is computed as
 ``reciprocal(tensor) * scalar`` and ``tensor / cpu_scalar`` as ``tensor * (1/scalar)``. Divisions
@@ -18,8 +17,9 @@ import torch
 
 GROUP_MAX_EPS = 1e-15
 _MAGIC = 12582912.0  # 1.5 * 2^23
-# Elements of one [n, groups, candidates] temporary; bounds memory while keeping ops large.
+# Elements of one [n, groups] working tensor: cache-sized on CPU, large on accelerators.
 _CHUNK_ELEMS = 1 << 18
+_CHUNK_ELEMS_ACCEL = 1 << 26
 
 
 def ggml_nearest_int(v: torch.Tensor) -> torch.Tensor:
@@ -51,11 +51,32 @@ def cdiv(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
     return torch.div(a, b)
 
 
+def c_sqrtf(s: torch.Tensor) -> torch.Tensor:
+    """C ``sqrtf``: the correctly rounded float32 square root, on any device.
+
+    torch's float32 ``sqrt`` on CPU (AVX2 kernels) is not correctly rounded (about 15% of
+    random inputs differ by an ulp). We take a float64 root rounded to float32, which is at
+    most one ulp off, and fix it with an exact test against the neighbouring midpoints (their
+    squares are exact in float64).
+    """
+    s = s.to(torch.float32)
+    s64 = s.double()
+    y = torch.sqrt(s64).float()
+    y64 = y.double()
+    up = torch.nextafter(y, torch.full_like(y, float("inf")))
+    dn = torch.nextafter(y, torch.zeros_like(y))
+    hm = up.double().add_(y64).mul_(0.5)
+    lm = dn.double().add_(y64).mul_(0.5)
+    # Zeros (with their sign), inf and NaN pass through unchanged.
+    return torch.where(hm.mul_(hm) < s64, up, torch.where(lm.mul_(lm) > s64, dn, y))
+
+
 def _seq_sum0(t: torch.Tensor) -> torch.Tensor:
     """Sum over dim 0 in C loop order starting from +0.0f (``s = 0; s += t[j]``)."""
-    acc = torch.zeros_like(t[0])
-    for j in range(t.shape[0]):
-        acc.add_(t[j])
+    rows = t.unbind(0)
+    acc = torch.zeros_like(rows[0])
+    for r in rows:
+        acc.add_(r)
     return acc
 
 
@@ -70,53 +91,64 @@ def _levels_(v: torch.Tensor, nmax: int, in_range: bool) -> torch.Tensor:
     return ggml_nearest_int(v).clamp_(0, nmax).to(torch.float32)
 
 
-def _qkx_candidates(
+def _levels_checked_(v: torch.Tensor, nmax: int) -> torch.Tensor:
+    """:func:`_levels_`, choosing the fast path from ``v`` itself (one min/max pass)."""
+    lo, hi = torch.aminmax(v)
+    return _levels_(v, nmax, bool((lo >= -4194303.0) & (hi <= 4194303.0)))
+
+
+def _qkx_search_chunk(
     xt: torch.Tensor,
     wt: torch.Tensor,
-    xm: torch.Tensor,
-    rng: torch.Tensor,
+    hi: torch.Tensor,
     sum_w: torch.Tensor,
     sum_x: torch.Tensor,
-    cand: torch.Tensor,
+    best: torch.Tensor,
+    mn: torch.Tensor,
+    cand: list[torch.Tensor],
     nmax: int,
     use_mad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All ``is = 0..nstep`` candidates for a chunk of groups ([n, G] inputs).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The C candidate loop for a chunk of groups ([n, G] inputs), one candidate at a time.
 
-    Returns the first-best candidate's (error, scale, min, L [n, G]); error is +inf where no
-    candidate had ``D > 0``.
+    It cannot be evaluated for all candidates at once: an accepted candidate replaces ``min``,
+    which both the next candidate's ``iscale = c/(max - min)`` and its levels depend on.
+    Returns ``(won, scale, min, lev_iscale, lev_min)``: for groups where some candidate won,
+    its scale and min, and the (iscale, min) its levels came from, so that the levels are
+    rebuilt once at the end instead of being carried through every candidate.
     """
-    n = xt.shape[0]
-    iscale_c = cdiv(cand.unsqueeze(0), rng.unsqueeze(1))  # [G, S]
-    okc = bool(((iscale_c * rng.unsqueeze(1)) <= _f32(4194303.0, xt)).all())
-    Lc = _levels_(iscale_c.unsqueeze(0) * xm.unsqueeze(2), nmax, okc)  # [n, G, S]
-    w3 = wt.unsqueeze(2)
-    x3 = xt.unsqueeze(2)
-    wl = w3 * Lc
-    tmp = torch.empty_like(wl)
-    sum_l = _seq_sum0(wl)
-    sum_l2 = _seq_sum0(torch.mul(wl, Lc, out=tmp))
-    sum_xl = _seq_sum0(torch.mul(wl, x3, out=tmp))
-    del wl
-    sw = sum_w.unsqueeze(1)
-    sx = sum_x.unsqueeze(1)
-    D = sw * sum_l2 - sum_l * sum_l
-    this_scale = cdiv(sw * sum_xl - sx * sum_l, D)
-    this_min = cdiv(sum_l2 * sx - sum_l * sum_xl, D)
-    pos = this_min > 0
-    this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
-    this_scale = torch.where(pos, cdiv(sum_xl, sum_l2), this_scale)
-    d = torch.mul(this_scale.unsqueeze(0), Lc, out=tmp)
-    d.add_(this_min.unsqueeze(0)).sub_(x3)
-    d = d.abs_() if use_mad else d.mul_(d)
-    cur = _seq_sum0(d.mul_(w3))
-    del d, tmp
-    # D <= 0 skips the candidate; NaN errors never compare smaller.
-    cur = torch.where((D > 0) & ~torch.isnan(cur), cur, torch.full_like(cur, float("inf")))
-    cmin, idx = torch.min(cur, dim=1)  # first index of the minimum = first strict improvement
-    ii = idx.unsqueeze(1)
-    Lsel = Lc.gather(2, ii.unsqueeze(0).expand(n, -1, 1)).squeeze(2)
-    return cmin, this_scale.gather(1, ii).squeeze(1), this_min.gather(1, ii).squeeze(1), Lsel
+    n, G = xt.shape
+    scale = torch.zeros_like(hi)
+    lev_iscale = torch.zeros_like(hi)
+    lev_min = torch.zeros_like(hi)
+    won = torch.zeros(G, dtype=torch.bool, device=xt.device)
+    buf = torch.empty((n, 3, G), dtype=torch.float32, device=xt.device)
+    for c in cand:
+        iscale = cdiv(c, hi - mn)
+        v = xt - mn
+        Laux = _levels_checked_(v.mul_(iscale), nmax)
+        wl = torch.mul(wt, Laux, out=buf[:, 0])
+        torch.mul(wl, Laux, out=buf[:, 1])
+        torch.mul(wl, xt, out=buf[:, 2])
+        sum_l, sum_l2, sum_xl = _seq_sum0(buf).unbind(0)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = cdiv(sum_w * sum_xl - sum_x * sum_l, D)
+        this_min = cdiv(sum_l2 * sum_x - sum_l * sum_xl, D)
+        pos = this_min > 0
+        this_min.masked_fill_(pos, 0.0)
+        this_scale = torch.where(pos, cdiv(sum_xl, sum_l2), this_scale)
+        d = torch.mul(Laux, this_scale, out=buf[:, 0])
+        d.add_(this_min).sub_(xt)
+        d = d.abs_() if use_mad else d.mul_(d)
+        cur = _seq_sum0(d.mul_(wt))
+        take = (D > 0) & (cur < best)  # NaN errors never compare smaller, as in C
+        best = torch.where(take, cur, best)
+        scale = torch.where(take, this_scale, scale)
+        lev_iscale = torch.where(take, iscale, lev_iscale)
+        lev_min = torch.where(take, mn, lev_min)
+        mn = torch.where(take, this_min, mn)
+        won |= take
+    return won, scale, mn, lev_iscale, lev_min
 
 
 def make_qkx_quants(
@@ -132,8 +164,8 @@ def make_qkx_quants(
     that are equivalent for finite input and in qkx3 accepting no weights).
 
     Args: ``x`` float32 ``[G, n]``; ``weights`` ``[G, n]`` or None (then ``w = x*x``); ``nmax``
-    the top level; candidate inverse scales ``(rmin + rdelta*is + nmax)/(max-min)`` for
-    ``is = 0..nstep``; ``use_mad`` selects |err| instead of err^2.
+    the top level; candidate inverse scales ``(rmin + rdelta*is + nmax)/(max - min)`` for
+    ``is = 0..nstep`` (``min`` being the best offset so far); ``use_mad`` selects |err| over err^2.
     Returns ``(scale [G], the_min [G], L [G, n] int32)`` where a value is ``scale*L - the_min``
     (``the_min`` is C's ``*the_min``, i.e. minus the fitted offset, >= 0).
     """
@@ -146,56 +178,62 @@ def make_qkx_quants(
     xt = x.t().contiguous()  # [n, G]: per-position slices are contiguous
     wt = w.t().contiguous()
 
-    # Running min/max/sums exactly as the C loop (first element seeds them).
-    mn = xt[0].clone()
-    mx = xt[0].clone()
-    sum_w = wt[0].clone()
-    sum_x = sum_w * xt[0]
+    # Group min/max (the sign of a zero extreme never reaches the output), and sum_w/sum_x
+    # accumulated as the C loop does, seeded with the first element.
+    lo = x.amin(dim=1)
+    hi = x.amax(dim=1)
+    rows_w = wt.unbind(0)
+    rows_wx = (wt * xt).unbind(0)
+    sum_w = rows_w[0].clone()
+    sum_x = rows_wx[0].clone()
     for i in range(1, n):
-        xi = xt[i]
-        mn = torch.where(xi < mn, xi, mn)
-        mx = torch.where(xi > mx, xi, mx)
-        sum_w = sum_w + wt[i]
-        sum_x = sum_x + wt[i] * xi
-    mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
-    degenerate = mx == mn
-    # Degenerate groups return early in C; give them a harmless range so they cannot force
-    # the slow exact-rounding path, and overwrite their results at the end.
-    rng = torch.where(degenerate, torch.ones_like(mx), mx - mn)
+        sum_w.add_(rows_w[i])
+        sum_x.add_(rows_wx[i])
+    mn = torch.where(lo > 0, torch.zeros_like(lo), lo)
+    degenerate = hi == mn  # C returns early (max == min): scale 0, levels 0, min untouched
+    rng = torch.where(degenerate, torch.ones_like(hi), hi - mn)  # keeps them off the slow path
 
     iscale = cdiv(float(nmax), rng)
     scale = cdiv(1.0, iscale)
-    xm = xt - mn  # [n, G]
-    ok0 = bool(((iscale * rng) <= _f32(4194303.0, x)).all())
-    L = _levels_(iscale * xm, nmax, ok0)  # [n, G]
+    v = xt - mn
+    L = _levels_checked_(v.mul_(iscale), nmax)  # [n, G]
     d0 = scale * L
     d0.add_(mn).sub_(xt)
     d0 = d0.abs_() if use_mad else d0.mul_(d0)
     best = _seq_sum0(d0.mul_(wt))
-    best_min = mn
 
     if nstep >= 1:
-        S = nstep + 1
         # rmin + rdelta*is + nmax in float32, left to right as C does
-        steps = torch.arange(S, device=x.device, dtype=torch.float32)
-        cand = (_f32(rmin, x) + _f32(rdelta, x) * steps) + _f32(float(nmax), x)
+        cand = [(_f32(rmin, x) + _f32(rdelta, x) * _f32(float(i), x)) + _f32(float(nmax), x)
+                for i in range(nstep + 1)]
+        # Search only non-degenerate groups.
+        idx = (~degenerate).nonzero().squeeze(1) if bool(degenerate.any()) else None
+        sx, sw_, sh, ssw, ssx, sb, sm = (
+            (t if idx is None else t.index_select(-1, idx)) for t in (xt, wt, hi, sum_w, sum_x, best, mn)
+        )
         budget = _CHUNK_ELEMS if x.device.type == "cpu" else _CHUNK_ELEMS_ACCEL
-        gc = max(1, budget // (n * S))
+        gc = max(1, budget // n)
         parts = [
-            _qkx_candidates(xt[:, s:s + gc], wt[:, s:s + gc], xm[:, s:s + gc], rng[s:s + gc],
-                            sum_w[s:s + gc], sum_x[s:s + gc], cand, nmax, use_mad)
-            for s in range(0, G, gc)
+            _qkx_search_chunk(sx[:, s:s + gc], sw_[:, s:s + gc], sh[s:s + gc], ssw[s:s + gc], ssx[s:s + gc],
+                              sb[s:s + gc], sm[s:s + gc], cand, nmax, use_mad)
+            for s in range(0, sx.shape[1], gc)
         ]
-        cmin, c_scale, c_min, c_L = (torch.cat(p, dim=-1) for p in zip(*parts))
-        take = cmin < best
-        scale = torch.where(take, c_scale, scale)
-        best_min = torch.where(take, c_min, best_min)
-        L = torch.where(take.unsqueeze(0), c_L, L)
+        if parts:
+            won, c_scale, c_min, lev_iscale, lev_min = (torch.cat(p) for p in zip(*parts))
+            v = sx - lev_min
+            c_L = _levels_checked_(v.mul_(lev_iscale), nmax)
+            if idx is not None:
+                won = torch.zeros(G, dtype=torch.bool, device=x.device).index_copy_(0, idx, won)
+                c_scale = torch.zeros_like(scale).index_copy_(0, idx, c_scale)
+                c_min = torch.zeros_like(mn).index_copy_(0, idx, c_min)
+                c_L = torch.zeros_like(L).index_copy_(1, idx, c_L)
+            scale = torch.where(won, c_scale, scale)
+            mn = torch.where(won, c_min, mn)
+            L = torch.where(won.unsqueeze(0), c_L, L)
 
     scale = torch.where(degenerate, torch.zeros_like(scale), scale)
-    best_min = torch.where(degenerate, mn, best_min)
     L = torch.where(degenerate.unsqueeze(0), torch.zeros_like(L), L)
-    return scale, -best_min, L.t().to(torch.int32)
+    return scale, -mn, L.t().to(torch.int32)
 
 
 def make_qkx2_quants(

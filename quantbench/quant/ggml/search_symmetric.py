@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from quantbench.quant.ggml.common import GROUP_MAX_EPS
+from quantbench.quant.ggml.common import GROUP_MAX_EPS, cdiv
 
 _MAGIC = 12582912.0  # 1.5 * 2**23
 
@@ -20,20 +20,25 @@ _MAGIC = 12582912.0  # 1.5 * 2**23
 def nearest_int_exact(v: torch.Tensor) -> torch.Tensor:
     """ggml's ``nearest_int`` bit trick, reproduced for *every* float (int32 result).
 
-    Inside ``|v| < 2**22`` this is round-half-even; outside (huge ratios, inf, NaN) it returns
-    the same garbage the C does, which matters where the result is clamped afterwards.
+    Inside ``|v| < 2**22`` this is round-half-even; outside (huge ratios, inf) it returns the
+    same garbage the C does, which matters where the result is clamped afterwards. NaN gives 0:
+    with finite inputs every NaN in the C is x86's default NaN (mantissa 0x400000), whereas a
+    CUDA NaN has another mantissa, so NaN is mapped explicitly.
     """
     bits = (v + _MAGIC).view(torch.int32)
-    return (bits & 0x7FFFFF) - 0x400000
+    r = (bits & 0x7FFFFF) - 0x400000
+    return torch.where(torch.isnan(v), torch.zeros_like(r), r)
 
 
-def rdiv(num: float, t: torch.Tensor) -> torch.Tensor:
-    """C's ``num / t`` for a constant numerator, correctly rounded.
+def fp16_bytes_c(x: torch.Tensor) -> torch.Tensor:
+    """``GGML_FP32_TO_FP16`` bytes ([..., n] float → [..., 2n] uint8), NaN as x86 stores it.
 
-    Torch evaluates ``python_scalar / tensor`` as ``t.reciprocal() * num`` (two roundings),
-    which differs from the C division in ~25% of cases; dividing a filled tensor is exact.
+    ggml writes ``sign | 0x7E00`` for NaN and the C's NaNs here are x86's default NaN (sign
+    set), so NaN becomes 0xFE00 on every device (CUDA would give 0x7FFF).
     """
-    return torch.full_like(t, num) / t
+    h = x.to(torch.float16).contiguous().view(torch.int16)
+    h = torch.where(torch.isnan(x), torch.full_like(h, -512), h)  # 0xFE00 as int16
+    return h.view(torch.uint8)
 
 
 def sqrtf(t: torch.Tensor) -> torch.Tensor:
@@ -49,14 +54,21 @@ def _f32(v: float) -> float:
     return float(np.float32(v))
 
 
-def _first_absmax(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Signed value of the first element of largest magnitude along ``dim`` (C's strict ``>`` scan)."""
-    idx = x.abs().argmax(dim=dim, keepdim=True)
-    return x.gather(dim, idx).squeeze(dim)
+def first_absmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """C's ``if (fabsf(v) > amax) { amax = fabsf(v); max = v; }`` scan from ``amax = max = 0``.
+
+    The first element of largest magnitude wins, NaN never does (torch's argmax would pick it),
+    and an all-zero/NaN slice gives 0.
+    """
+    a = x.abs()
+    a = torch.where(torch.isnan(a), torch.full_like(a, -1.0), a)
+    idx = a.argmax(dim=dim, keepdim=True)
+    v = x.gather(dim, idx)
+    return torch.where(a.gather(dim, idx) > 0, v, torch.zeros_like(v)).squeeze(dim)
 
 
 def _seq_sum(t: torch.Tensor) -> torch.Tensor:
-    """``s = 0; for i: s += t[i]`` over the first axis of ``[n, G]``."""
+    """``s = 0; for i: s += t[i]`` over the first axis (``[n, ...]`` → ``[...]``)."""
     acc = torch.zeros_like(t[0])
     for i in range(t.shape[0]):
         acc.add_(t[i])
@@ -71,6 +83,14 @@ def _rmse_weights(xt: torch.Tensor, rmse_type: int) -> torch.Tensor:
     if rmse_type == 3:
         return xt.abs()
     return sqrtf(xt.abs())
+
+
+_CHUNK_GROUPS = 8192  # groups per pass: keeps the [n, 19, groups] candidate tensors cache-sized
+
+
+def _cand_constants(nmax: int) -> list[float]:
+    """``nmax + 0.1f*is`` for is = -9..9 (skipping 0), in float32 as the C computes it."""
+    return [_f32(np.float32(nmax) + np.float32(0.1) * np.float32(k)) for k in range(-9, 10) if k != 0]
 
 
 def make_qx_quants(
@@ -95,8 +115,41 @@ def make_qx_quants(
         ``(0, all zeros)`` for groups whose max |x| is below ``GROUP_MAX_EPS``.
     """
     G, n = x.shape
+    x = x.to(torch.float32)
+    if G == 0:
+        return x.new_zeros(0), torch.zeros(0, n, dtype=torch.int32, device=x.device)
+    if qw is not None:
+        qw = qw.to(torch.float32).expand(G, n)
+    bufs = _Buffers(n, 19, min(G, _CHUNK_GROUPS), x.device) if rmse_type > 0 else None
+    scales, Ls = [], []
+    for s in range(0, G, _CHUNK_GROUPS):
+        sc, L = _make_qx_quants_chunk(
+            x[s : s + _CHUNK_GROUPS], nmax, rmse_type, None if qw is None else qw[s : s + _CHUNK_GROUPS], bufs
+        )
+        scales.append(sc)
+        Ls.append(L)
+    if len(scales) == 1:
+        return scales[0], Ls[0]
+    return torch.cat(scales), torch.cat(Ls)
+
+
+class _Buffers:
+    """Scratch tensors reused across chunks: fresh multi-MB allocations cost page faults."""
+
+    def __init__(self, n: int, k: int, g: int, device: torch.device) -> None:
+        self.l = torch.empty(n, k, g, dtype=torch.float32, device=device)
+        self.t = torch.empty(n, k, g, dtype=torch.float32, device=device)
+
+    def views(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.l[:, :, :g], self.t[:, :, :g]
+
+
+def _make_qx_quants_chunk(
+    x: torch.Tensor, nmax: int, rmse_type: int, qw: torch.Tensor | None, bufs: _Buffers | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    G, n = x.shape
+    mx = first_absmax(x, 1)
     xt = x.t().contiguous()  # [n, G]
-    mx = _first_absmax(xt, 0)
     zero = mx.abs() < GROUP_MAX_EPS
     lo, hi = float(-nmax), float(nmax - 1)
 
@@ -104,49 +157,55 @@ def make_qx_quants(
         # |iscale * x| <= nmax + 1 here, so torch.round is the magic trick exactly.
         return torch.round(iscale * xt).clamp_(lo, hi)
 
-    iscale = rdiv(-nmax, mx)
-    l = levels(iscale)
-
     def finish(scale: torch.Tensor, lf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale = torch.where(zero, torch.zeros_like(scale), scale)
         L = torch.where(zero.unsqueeze(0), torch.zeros_like(lf), lf + nmax)
         return scale, L.to(torch.int32).t().contiguous()
 
-    if rmse_type == 0:
-        return finish(rdiv(1.0, iscale), l)
+    if rmse_type <= 0:
+        iscale = cdiv(-nmax, mx)
+        l = levels(iscale)
+        if rmse_type == 0:
+            return finish(cdiv(1.0, iscale), l)
 
-    return_early = rmse_type < 0
-    rmse_type = abs(rmse_type)
-    if qw is not None:
-        w = qw.to(torch.float32).expand(G, n).t().contiguous()
-    else:
-        w = _rmse_weights(xt, rmse_type)
+    rtype = abs(rmse_type)
+    w = qw.t().contiguous() if qw is not None else _rmse_weights(xt, rtype)
     wx = w * xt  # C: w*x[i]*l evaluates (w*x[i]) first
 
-    def sums(lf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _seq_sum(wx * lf), _seq_sum(w * lf * lf)
+    if rmse_type < 0:
+        sumlx, suml2 = _seq_sum(wx * l), _seq_sum(w * l * l)
+        scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
+        inv = cdiv(1.0, iscale)
+        return finish(torch.where(suml2 > 0, 0.5 * (scale + inv), inv), l)
 
-    sumlx, suml2 = sums(l)
-    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
-    if return_early:
-        inv = rdiv(1.0, iscale)
-        early = torch.where(suml2 > 0, 0.5 * (scale + inv), inv)
-        return finish(early, l)
+    # Candidate 0 is the initial -nmax/max, 1..18 the -(nmax + 0.1*is)/max tries; all are
+    # evaluated at once ([n, 19, G]), then chosen in C order (a later one wins only if strictly
+    # better than the best so far).
+    assert bufs is not None
+    c = torch.tensor([float(nmax)] + _cand_constants(nmax), dtype=torch.float32, device=x.device)
+    isc = (-c).unsqueeze(1) / mx.unsqueeze(0)  # [19, G], true division
+    l, t = bufs.views(G)
+    torch.mul(isc.unsqueeze(0), xt.unsqueeze(1), out=l)
+    l.round_().clamp_(lo, hi)  # |.| <= nmax + 1: round is the bit trick exactly
+    torch.mul(wx.unsqueeze(1), l, out=t)
+    sumlx = _seq_sum(t)  # [19, G]
+    torch.mul(w.unsqueeze(1), l, out=t)
+    t.mul_(l)
+    suml2 = _seq_sum(t)
 
-    best = scale * sumlx
-    best_iscale = iscale
-    for k in range(-9, 10):
-        if k == 0:
-            continue
-        c = _f32(np.float32(nmax) + np.float32(0.1) * np.float32(k))
-        isc = rdiv(-c, mx)
-        slx, sl2 = sums(levels(isc))
-        better = (sl2 > 0) & (slx * slx > best * sl2)
-        new_scale = slx / sl2
-        scale = torch.where(better, new_scale, scale)
-        best = torch.where(better, new_scale * slx, best)
-        best_iscale = torch.where(better, isc, best_iscale)
-    return finish(scale, levels(best_iscale))
+    scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], torch.zeros_like(mx))
+    best = scale * sumlx[0]
+    best_k = torch.zeros(G, dtype=torch.int64, device=x.device)
+    new_scale = sumlx / suml2
+    new_best = new_scale * sumlx
+    ok = suml2 > 0
+    lhs = sumlx * sumlx
+    for k in range(1, c.numel()):
+        better = ok[k] & (lhs[k] > best * suml2[k])
+        scale = torch.where(better, new_scale[k], scale)
+        best = torch.where(better, new_best[k], best)
+        best_k = torch.where(better, k, best_k)
+    return finish(scale, levels(isc.gather(0, best_k.unsqueeze(0)).squeeze(0)))
 
 
 def make_q3_quants(x: torch.Tensor, nmax: int, do_rmse: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,10 +220,10 @@ def make_q3_quants(x: torch.Tensor, nmax: int, do_rmse: bool) -> tuple[torch.Ten
     """
     G, n = x.shape
     xt = x.t().contiguous()  # [n, G]
-    mx = _first_absmax(xt, 0)
+    mx = first_absmax(x, 1)
     zero = mx.abs() < GROUP_MAX_EPS
     lo, hi = float(-nmax), float(nmax - 1)
-    iscale = rdiv(-nmax, mx)
+    iscale = cdiv(-nmax, mx)
     l = torch.round(iscale * xt).clamp_(lo, hi)  # bounded: round == nearest_int
 
     if do_rmse:
@@ -172,33 +231,41 @@ def make_q3_quants(x: torch.Tensor, nmax: int, do_rmse: bool) -> tuple[torch.Ten
         wx = w * xt
         sumlx = _seq_sum(wx * l)
         suml2 = _seq_sum(w * l * l)
+        # Sweeps only revisit groups that changed in the previous one: a sweep without changes
+        # would repeat identically, which is exactly C's per-group early exit.
+        idx = torch.arange(G, device=x.device)
+        xa, wa, wxa, la, slxa, sl2a = xt, w, wx, l.clone(), sumlx.clone(), suml2.clone()
         for _ in range(5):
-            n_changed = torch.zeros(G, dtype=torch.int32, device=x.device)
+            changed = torch.zeros(idx.numel(), dtype=torch.bool, device=x.device)
             for i in range(n):
-                Li = l[i]
-                slx = sumlx - wx[i] * Li
-                sl2 = suml2 - w[i] * Li * Li
+                Li = la[i]
+                slx = slxa - wxa[i] * Li
+                sl2 = sl2a - wa[i] * Li * Li
                 # x*sl2/slx may be huge or non-finite when slx is tiny: keep C's bit-trick result.
-                new_l = nearest_int_exact(xt[i] * sl2 / slx).clamp_(-nmax, nmax - 1).to(torch.float32)
-                slx2 = slx + wx[i] * new_l
-                sl22 = sl2 + w[i] * new_l * new_l
+                new_l = nearest_int_exact(xa[i] * sl2 / slx).clamp_(-nmax, nmax - 1).to(torch.float32)
+                slx2 = slx + wxa[i] * new_l
+                sl22 = sl2 + wa[i] * new_l * new_l
                 accept = (
                     (slx > 0)
                     & (new_l != Li)
                     & (sl22 > 0)
-                    & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+                    & (slx2 * slx2 * sl2a > slxa * slxa * sl22)
                 )
-                l[i] = torch.where(accept, new_l, Li)
-                sumlx = torch.where(accept, slx2, sumlx)
-                suml2 = torch.where(accept, sl22, suml2)
-                n_changed += accept
-            # A sweep without changes would repeat identically, so stopping all groups together
-            # once none changed equals C's per-group early exit.
-            if not bool(n_changed.any()):
+                la[i] = torch.where(accept, new_l, Li)
+                slxa = torch.where(accept, slx2, slxa)
+                sl2a = torch.where(accept, sl22, sl2a)
+                changed |= accept
+            l[:, idx] = la
+            sumlx[idx] = slxa
+            suml2[idx] = sl2a
+            if not bool(changed.any()):
                 break
+            idx = idx[changed]
+            xa, wa, wxa, la = xa[:, changed], wa[:, changed], wxa[:, changed], la[:, changed]
+            slxa, sl2a = slxa[changed], sl2a[changed]
         scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     else:
-        scale = rdiv(1.0, iscale)
+        scale = cdiv(1.0, iscale)
 
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     L = torch.where(zero.unsqueeze(0), torch.zeros_like(l), l + nmax)
