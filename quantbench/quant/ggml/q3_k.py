@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from quantbench.quant.ggml.common import cdiv, fp16_from_bytes, fp16_round
+from quantbench.quant.ggml.common import cdiv, fp16_from_bytes, fp16_round, sqrtf
 from quantbench.quant.ggml.search_symmetric import (
     first_absmax,
     fp16_bytes_c,
     make_q3_quants,
     make_qx_quants,
     nearest_int_exact,
-    sqrtf,
 )
 from quantbench.quant.registry import GGMLType, register
 
@@ -76,7 +75,8 @@ def _quantize_ref(xb: torch.Tensor) -> torch.Tensor:
     max_scale = first_absmax(scales, 1)
     has = max_scale != 0
     iscale = cdiv(-32.0, max_scale)
-    ls = nearest_int_exact(iscale.unsqueeze(1) * scales).clamp_(-32, 31) + 32
+    # C stores nearest_int into an int8_t before clamping: wrap like the cast does.
+    ls = nearest_int_exact(iscale.unsqueeze(1) * scales).to(torch.int8).to(torch.int32).clamp_(-32, 31) + 32
     ls = torch.where(has.unsqueeze(1), ls, torch.zeros_like(ls))
     d = torch.where(has, cdiv(1.0, iscale), torch.zeros_like(iscale))
     return _requantize_and_pack(xb, L, ls, d)

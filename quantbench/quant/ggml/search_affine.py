@@ -6,9 +6,11 @@ result is one scale (and min) per group plus the integer levels. Loops in Python
 the ``n`` positions of a group (so sums accumulate in C order), over candidate scales where the
 C code updates a running best, or over refinement passes.
 
-Two torch traps matter for bit-exactness on CUDA: ``python_scalar / tensor`` is computed as
-``reciprocal(tensor) * scalar`` and ``tensor / cpu_scalar`` as ``tensor * (1/scalar)``. Divisions
-here therefore always divide by / into float32 tensors on the input's device (:func:`cdiv`).
+Two torch division traps break bit-exactness: ``python_scalar / tensor`` is computed as
+``reciprocal(tensor) * scalar`` on every device (a quarter of results off by an ulp), and on
+CUDA ``tensor / cpu_scalar`` as ``tensor * (1/scalar)``. Divisions here therefore always divide
+float32 tensors on the input's device (:func:`cdiv`). torch's float32 ``sqrt`` on CPU is not
+correctly rounded either (:func:`c_sqrtf`).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from quantbench.quant.ggml.common import GROUP_MAX_EPS, cdiv
+from quantbench.quant.ggml.common import GROUP_MAX_EPS, cdiv, sqrtf
 
 _MAGIC = 12582912.0  # 1.5 * 2**23
 
@@ -39,15 +39,6 @@ def fp16_bytes_c(x: torch.Tensor) -> torch.Tensor:
     h = x.to(torch.float16).contiguous().view(torch.int16)
     h = torch.where(torch.isnan(x), torch.full_like(h, -512), h)  # 0xFE00 as int16
     return h.view(torch.uint8)
-
-
-def sqrtf(t: torch.Tensor) -> torch.Tensor:
-    """C ``sqrtf``, correctly rounded.
-
-    Torch's float32 CPU sqrt (vectorized, AVX2 build) is off by one ulp for some inputs; the
-    float64 sqrt rounded to float32 is exact (53 >= 2*24 + 2 bits, so no double rounding).
-    """
-    return torch.sqrt(t.to(torch.float64)).to(torch.float32)
 
 
 def _f32(v: float) -> float:

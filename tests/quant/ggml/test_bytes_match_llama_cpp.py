@@ -44,11 +44,23 @@ def test_dequantize_matches_gguf_py(qtype: str) -> None:
     from quantbench.quant import get_type
 
     t = get_type(qtype)
-    if qtype in ("Q8_1",):
-        pytest.skip("gguf-py has no Q8_1 dequantizer")  # covered by the round-trip test below
+    if qtype in ("Q8_1", "Q8_K"):
+        pytest.skip("gguf-py has no dequantizer for this type")  # see test_q8_1_dequantize / test_kquants_symmetric
     n = _row_len(t.block_size)
     x = make_cases(n)["heavy_tailed"]
     q = quantize(torch.from_numpy(x), qtype)
     ours = dequantize(q).numpy()
     ref = gq.dequantize(q.data.numpy(), gguf.GGMLQuantizationType(t.ggml_id))
     np.testing.assert_array_equal(ours, ref.reshape(ours.shape).astype(np.float32))
+
+
+def test_q8_1_dequantize() -> None:
+    """Q8_1 block = fp16 d, fp16 s (= d * sum q), 32 int8 q: value = d * q, decoded by hand here."""
+    x = make_cases(64)["heavy_tailed"]
+    q = quantize(torch.from_numpy(x), "Q8_1")
+    raw = q.data.numpy().reshape(-1, 36)
+    d = raw[:, 0:2].copy().view(np.float16).astype(np.float32)
+    s = raw[:, 2:4].copy().view(np.float16).astype(np.float32)
+    qs = raw[:, 4:].copy().view(np.int8).astype(np.float32)
+    np.testing.assert_array_equal(dequantize(q).numpy().reshape(-1, 32), qs * d)
+    np.testing.assert_allclose(s[:, 0], (qs.sum(1) * d[:, 0]).astype(np.float16).astype(np.float32), rtol=1e-3)

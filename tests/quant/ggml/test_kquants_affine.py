@@ -17,7 +17,6 @@ import shlex
 import shutil
 import struct
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
