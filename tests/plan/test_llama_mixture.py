@@ -15,6 +15,7 @@ import json
 import os
 import re
 import subprocess
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,12 @@ def llama_quantize() -> Path:
     return path
 
 
+@lru_cache(maxsize=None)
+def _inputs(src: Path, file_id: str):
+    """inputs_from_gguf, once per file: GGUFReader parses SmolLM2's 49k-token vocabulary each time."""
+    return inputs_from_gguf(src)
+
+
 def _file_id(p: Path) -> str:
     st = p.stat()
     return f"{p.name}|{st.st_size}|{st.st_mtime_ns}"
@@ -81,7 +88,7 @@ def _imatrix_for(src: Path) -> Path:
     path = src.with_name(src.name + ".imatrix.dat")
     if path.exists():
         return path
-    specs, _, _ = inputs_from_gguf(src)
+    specs, _, _ = _inputs(src, _file_id(src))
     rng = np.random.default_rng(7)
     entries = {}
     for s in specs:
@@ -150,7 +157,7 @@ def run_llama_quantize(exe: Path, src: Path, ftype: str, *, pure: bool = False, 
 
 def check_plan(exe: Path, src: Path, ftype: str, *, pure: bool = False, imatrix: bool = False) -> None:
     """plan_tensors == llama-quantize, including refusing where llama-quantize needs an imatrix."""
-    specs, arch, metadata = inputs_from_gguf(src)
+    specs, arch, metadata = _inputs(src, _file_id(src))
     try:
         plans = plan_tensors(specs, arch, metadata, ftype, pure=pure, has_imatrix=imatrix)
     except ImatrixError as e:
@@ -179,7 +186,7 @@ def check_plan(exe: Path, src: Path, ftype: str, *, pure: bool = False, imatrix:
 
 def check_refused(exe: Path, src: Path, ftype: str) -> None:
     """Guard against a vacuous pass: these ftypes must be refused by both without an imatrix."""
-    specs, arch, metadata = inputs_from_gguf(src)
+    specs, arch, metadata = _inputs(src, _file_id(src))
     with pytest.raises(ImatrixError):
         plan_tensors(specs, arch, metadata, ftype)
     check_plan(exe, src, ftype)
