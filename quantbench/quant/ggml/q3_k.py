@@ -20,7 +20,8 @@ from quantbench.quant.registry import GGMLType, register
 
 QK_K = 256
 TYPE_SIZE = QK_K // 8 + QK_K // 4 + 12 + 2
-_CHUNK = 16384  # super-blocks per pass: bounds temporary memory
+_CHUNK = 16384  # super-blocks per pass on CPU: bounds temporary memory
+_CHUNK_ACCEL = 1 << 17  # on accelerators few, large passes (launch count dominates)
 
 
 def _pack_scales(ls: torch.Tensor) -> torch.Tensor:
@@ -105,8 +106,9 @@ def quantize_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     nb_row = n // QK_K
     qwb = None if qw is None else qw.to(torch.float32).reshape(nb_row, QK_K)
     out = []
-    for s in range(0, xb.shape[0], _CHUNK):
-        chunk = xb[s : s + _CHUNK]
+    step = _CHUNK if xb.device.type == "cpu" else _CHUNK_ACCEL
+    for s in range(0, xb.shape[0], step):
+        chunk = xb[s : s + step]
         if qwb is None:
             out.append(_quantize_ref(chunk))
         else:

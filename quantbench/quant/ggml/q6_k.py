@@ -14,7 +14,8 @@ from quantbench.quant.registry import GGMLType, register
 
 QK_K = 256
 TYPE_SIZE = QK_K // 2 + QK_K // 4 + QK_K // 16 + 2
-_CHUNK = 16384  # super-blocks per pass: bounds temporary memory
+_CHUNK = 16384  # super-blocks per pass on CPU: bounds temporary memory
+_CHUNK_ACCEL = 1 << 17  # on accelerators few, large passes (launch count dominates)
 
 
 def _quantize_blocks(xb: torch.Tensor, qwb: torch.Tensor | None) -> torch.Tensor:
@@ -56,8 +57,9 @@ def quantize_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     nb_row = n // QK_K
     qwb = None if qw is None else qw.to(torch.float32).reshape(nb_row, QK_K)
     out = []
-    for s in range(0, xb.shape[0], _CHUNK):
-        chunk = xb[s : s + _CHUNK]
+    step = _CHUNK if xb.device.type == "cpu" else _CHUNK_ACCEL
+    for s in range(0, xb.shape[0], step):
+        chunk = xb[s : s + step]
         w = None
         if qwb is not None:
             w = qwb[torch.arange(s, s + chunk.shape[0], device=x.device) % nb_row]

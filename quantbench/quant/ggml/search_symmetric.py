@@ -76,7 +76,8 @@ def _rmse_weights(xt: torch.Tensor, rmse_type: int) -> torch.Tensor:
     return sqrtf(xt.abs())
 
 
-_CHUNK_GROUPS = 8192  # groups per pass: keeps the [n, 19, groups] candidate tensors cache-sized
+_CHUNK_GROUPS = 8192  # groups per pass on CPU: keeps the [n, 19, groups] candidate tensors cache-sized
+_CHUNK_GROUPS_ACCEL = 1 << 19  # on accelerators launch count dominates: few, large passes
 
 
 def _cand_constants(nmax: int) -> list[float]:
@@ -111,11 +112,12 @@ def make_qx_quants(
         return x.new_zeros(0), torch.zeros(0, n, dtype=torch.int32, device=x.device)
     if qw is not None:
         qw = qw.to(torch.float32).expand(G, n)
-    bufs = _Buffers(n, 19, min(G, _CHUNK_GROUPS), x.device) if rmse_type > 0 else None
+    step = _CHUNK_GROUPS if x.device.type == "cpu" else _CHUNK_GROUPS_ACCEL
+    bufs = _Buffers(n, 19, min(G, step), x.device) if rmse_type > 0 else None
     scales, Ls = [], []
-    for s in range(0, G, _CHUNK_GROUPS):
+    for s in range(0, G, step):
         sc, L = _make_qx_quants_chunk(
-            x[s : s + _CHUNK_GROUPS], nmax, rmse_type, None if qw is None else qw[s : s + _CHUNK_GROUPS], bufs
+            x[s : s + step], nmax, rmse_type, None if qw is None else qw[s : s + step], bufs
         )
         scales.append(sc)
         Ls.append(L)
