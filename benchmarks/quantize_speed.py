@@ -94,6 +94,7 @@ def bench_tensors(types: list[str], device: str, reps: int) -> list[dict]:
     import torch
 
     from quantbench.quant import get_type
+    from quantbench.quant.registry import quantize_rows
     from tests.oracles import ggml_lib
 
     rng = np.random.default_rng(0)
@@ -111,13 +112,13 @@ def bench_tensors(types: list[str], device: str, reps: int) -> list[dict]:
             ref = ggml_lib.quantize(t.ggml_id, x, im if use_im else None)
             c_s = time.perf_counter() - t0
             xd, qwd = xt.to(device), (qw.to(device) if qw is not None else None)
-            out = t.quantize_rows(xd, qwd)  # warm-up (CUDA context, caches)
+            out = quantize_rows(t, xd, qwd)  # warm-up (CUDA context, caches)
             if device == "cuda":
                 torch.cuda.synchronize()
             times = []
             for _ in range(reps):
                 t0 = time.perf_counter()
-                out = t.quantize_rows(xd, qwd)
+                out = quantize_rows(t, xd, qwd)
                 if device == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)

@@ -21,7 +21,7 @@ import torch
 from quantbench.errors import ImatrixError, QuantbenchError
 from quantbench.formats.gguf import KV, GGUFFile, GGUFStreamWriter, GGUFTensor, read_gguf
 from quantbench.imatrix.files import Imatrix, read_imatrix
-from quantbench.quant.registry import get_type
+from quantbench.quant.registry import get_type, quantize_rows
 
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
 SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
@@ -245,4 +245,4 @@ def _quantized_chunks(t: GGUFTensor, target: str, qw: np.ndarray | None, dev: to
                 from quantbench.errors import InputValueError
 
                 raise InputValueError(f"{t.path}: tensor {t.name} has NaN/inf values in rows {r}..{stop}")
-            yield qt.quantize_rows(x, w_e).cpu()
+            yield quantize_rows(qt, x, w_e).cpu()

@@ -109,8 +109,13 @@ def quantize(
         qw = imatrix.reshape(-1).to(device=x.device, dtype=torch.float32)
         if qw.numel() != n_per_row:
             raise ImatrixError(f"{name}: importance matrix has {qw.numel()} values, tensor rows have {n_per_row}")
-    data = t.quantize_rows(x.contiguous(), qw)
+    data = quantize_rows(t, x.contiguous(), qw)
     return QTensor(t.name, tuple(weight.shape), {"data": data})
+
+
+def quantize_rows(t: GGMLType, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    """``t.quantize_rows`` on whatever device ``x`` lives on: the one entry point jobs call."""
+    return t.quantize_rows(x, qw)
 
 
 def dequantize(q: QTensor) -> torch.Tensor:
