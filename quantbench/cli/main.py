@@ -48,7 +48,6 @@ def quantize(model: str, isq: str, output: str, imatrix: str | None, pure: bool,
     from tqdm import tqdm
 
     from quantbench.cli.tables import print_quantize_report
-    from quantbench.formats.gguf import read_gguf
     from quantbench.jobs.quantize_gguf import quantize_gguf
     from quantbench.sources import resolve_model
 

@@ -13,9 +13,33 @@ import torch
 GROUP_MAX_EPS = 1e-15
 
 
-def nearest_int(x: torch.Tensor) -> torch.Tensor:
-    """ggml's ``nearest_int``: the 1.5*2^23 magic-number trick, i.e. round half to even."""
-    return torch.round(x).to(torch.int32)
+_MAGIC = 12582912.0  # 1.5 * 2^23
+
+
+def nearest_int(v: torch.Tensor) -> torch.Tensor:
+    """ggml's ``nearest_int`` bit trick for *every* float (int32 result).
+
+    Inside ``|v| < 2^22`` it is round-half-even; outside (huge ratios, inf) it returns the same
+    low mantissa bits the C does, which matters where the result is clamped or wrapped after.
+    NaN gives 0: the C's NaNs are x86's default NaN (mantissa 0x400000) while a CUDA NaN has
+    another mantissa, so NaN is mapped explicitly.
+    """
+    bits = (v.to(torch.float32) + _MAGIC).view(torch.int32)
+    r = (bits & 0x7FFFFF) - 0x400000
+    return torch.where(torch.isnan(v), torch.zeros_like(r), r)
+
+
+def first_absmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """C's ``if (fabsf(v) > amax) { amax = fabsf(v); max = v; }`` scan from ``amax = max = 0``.
+
+    The first element of largest magnitude wins, NaN never does (torch's argmax would pick it),
+    and an all-zero/NaN slice gives +0.
+    """
+    a = x.abs()
+    a = torch.where(torch.isnan(a), torch.full_like(a, -1.0), a)
+    idx = a.argmax(dim=dim, keepdim=True)
+    v = x.gather(dim, idx)
+    return torch.where(a.gather(dim, idx) > 0, v, torch.zeros_like(v)).squeeze(dim)
 
 
 def roundf(x: torch.Tensor) -> torch.Tensor:
@@ -36,8 +60,14 @@ def fp16_round(x: torch.Tensor) -> torch.Tensor:
 
 
 def fp16_bytes(x: torch.Tensor) -> torch.Tensor:
-    """Little-endian fp16 bytes of ``x`` ([..., n] float → [..., 2n] uint8)."""
-    return x.to(torch.float16).contiguous().view(torch.uint8)
+    """``GGML_FP32_TO_FP16`` little-endian bytes ([..., n] float → [..., 2n] uint8).
+
+    ggml writes ``sign | 0x7E00`` for NaN and the C's NaNs are x86's default NaN (sign set), so
+    NaN becomes 0xFE00 on every device (CUDA would give 0x7FFF).
+    """
+    h = x.to(torch.float16).contiguous().view(torch.int16)
+    h = torch.where(torch.isnan(x), torch.full_like(h, -512), h)  # 0xFE00 as int16
+    return h.view(torch.uint8)
 
 
 def fp16_from_bytes(b: torch.Tensor) -> torch.Tensor:
@@ -66,17 +96,34 @@ def cdiv(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
     return a / b
 
 
-def sqrtf(x: torch.Tensor) -> torch.Tensor:
-    """C ``sqrtf``, correctly rounded. torch's vectorized float32 sqrt on CPU is off by one ulp
-    in roughly one result in six; the double square root rounded to float32 is exact."""
-    return torch.sqrt(x.to(torch.float64)).to(torch.float32)
+def sqrtf(s: torch.Tensor) -> torch.Tensor:
+    """C ``sqrtf``: the correctly rounded float32 square root, on any device.
+
+    torch's float32 ``sqrt`` on CPU (AVX2 kernels) is one ulp off for about one input in six.
+    A float64 root rounded to float32 is at most one ulp off whatever the backend; an exact test
+    against the neighbouring midpoints (their squares are exact in float64) settles it.
+    """
+    s = s.to(torch.float32)
+    s64 = s.double()
+    y = torch.sqrt(s64).float()
+    y64 = y.double()
+    up = torch.nextafter(y, torch.full_like(y, float("inf")))
+    dn = torch.nextafter(y, torch.zeros_like(y))
+    hm = up.double().add_(y64).mul_(0.5)
+    lm = dn.double().add_(y64).mul_(0.5)
+    # Zeros (with their sign), inf and NaN pass through unchanged.
+    return torch.where(hm.mul_(hm) < s64, up, torch.where(lm.mul_(lm) > s64, dn, y))
 
 
-def seq_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over the last dim in C loop order (``s += x[j]`` from j=0), float32."""
-    acc = torch.zeros(x.shape[:-1], dtype=torch.float32, device=x.device)
-    for j in range(x.shape[-1]):
-        acc = acc + x[..., j]
+def seq_sum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Sum over ``dim`` in C loop order (``s = 0.0f; s += x[j]`` from j=0), float32.
+
+    Vectorized across everything else; the sequential order is what makes the bytes match.
+    """
+    parts = x.to(torch.float32).unbind(dim)
+    acc = torch.zeros_like(parts[0])
+    for p in parts:
+        acc.add_(p)
     return acc
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from quantbench.quant.ggml.common import fp16_bytes, fp16_from_bytes, pack_nibbles, seq_sum
+from quantbench.quant.ggml.common import first_absmax, fp16_bytes, fp16_from_bytes, pack_nibbles, seq_sum, sqrtf
 from quantbench.quant.registry import GGMLType, register
 
 KVALUES_IQ4NL: tuple[int, ...] = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -68,17 +68,6 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
     """C ``d ? 1/d : 0`` (``-0.0`` counts as zero)."""
     nz = d != 0
     return torch.where(nz, 1.0 / torch.where(nz, d, torch.ones_like(d)), torch.zeros_like(d))
-
-
-def _signed_absmax(v: torch.Tensor) -> torch.Tensor:
-    """C's ``if (fabsf(v) > amax) {amax = fabsf(v); max = v;}`` from 0: first largest magnitude,
-    0 if none is positive. NaN never wins there (the comparison is false); torch's argmax would
-    pick it, so NaN magnitudes count as 0."""
-    a = v.abs()
-    a = torch.where(torch.isnan(a), torch.zeros_like(a), a)
-    idx = a.argmax(dim=1, keepdim=True)
-    m = v.gather(1, idx).squeeze(1)
-    return torch.where(a.gather(1, idx).squeeze(1) > 0, m, torch.zeros_like(m))
 
 
 def _search_sums(xb: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,15 +131,6 @@ def _block_scales(xb: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, d, zero)
 
 
-def _sqrtf(a: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded float32 ``sqrtf``.
-
-    torch's vectorized float32 sqrt on CPU is not correctly rounded (about 1 result in 6 is one
-    ulp off), while C ``sqrtf`` is. The double square root rounded to float is exact-rounded.
-    """
-    return torch.sqrt(a.to(torch.float64)).to(torch.float32)
-
-
 def _weights(xs: torch.Tensor, qw: torch.Tensor | None, rows: int) -> torch.Tensor:
     """Per-element weights for super-blocks ``xs`` [nsb, S]: ``qw*sqrtf(sigma2 + x^2)`` or ``x^2``."""
     if qw is None:
@@ -158,7 +138,7 @@ def _weights(xs: torch.Tensor, qw: torch.Tensor | None, rows: int) -> torch.Tens
     s = xs.shape[1]
     sigma2 = seq_sum(xs * xs) * (2.0 / s)        # 2.f/super_block_size is exact for S = 32, 256
     qwb = qw.reshape(1, -1, s).expand(rows, -1, -1).reshape(-1, s)
-    return qwb * _sqrtf(sigma2.unsqueeze(1) + xs * xs)
+    return qwb * sqrtf(sigma2.unsqueeze(1) + xs * xs)
 
 
 def _pack_levels(levels: torch.Tensor) -> torch.Tensor:
@@ -171,20 +151,8 @@ def _iq4_nl_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     xb = x.reshape(-1, QK4_NL)
     scale = _block_scales(xb, _weights(xb, qw, rows))
     levels = best_index(_inverse(scale).unsqueeze(1) * xb)
-    out = torch.cat([_fp16_bytes_x86_nan(scale.unsqueeze(1)), _pack_levels(levels)], dim=1)
+    out = torch.cat([fp16_bytes(scale.unsqueeze(1)), _pack_levels(levels)], dim=1)
     return out.reshape(rows, -1)
-
-
-def _fp16_bytes_x86_nan(d: torch.Tensor) -> torch.Tensor:
-    """fp16 bytes, with NaN stored as 0xFE00 on every device.
-
-    A NaN scale (x*x overflowing to inf, then inf/inf) is x86's default NaN, negative, which
-    ggml's fp16 conversion stores as 0xFE00; CUDA would produce its own canonical 0x7FFF.
-    """
-    b = fp16_bytes(d)
-    nan = torch.isnan(d).repeat_interleave(2, dim=-1)
-    x86 = torch.tensor([0x00, 0xFE], dtype=torch.uint8, device=d.device).repeat(d.shape[-1])
-    return torch.where(nan, x86.expand_as(b), b)
 
 
 def _iq4_xs_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
@@ -196,7 +164,7 @@ def _iq4_xs_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     w = _weights(xs, qw, rows).reshape(-1, 32)
     scales = _block_scales(xb, w).reshape(nsb, nsub)
 
-    d = -_signed_absmax(scales) / 32
+    d = -first_absmax(scales, 1) / 32
     idd = _inverse(d).unsqueeze(1)
     prod = idd * scales
     # nearest_int's magic-number trick maps NaN (only from inf*0) to 0.

@@ -16,6 +16,7 @@ from quantbench.quant.ggml.common import (
     cdiv,
     c_int_cast,
     fp16_bytes,
+    first_absmax,
     fp16_from_bytes,
     pack_nibbles,
     roundf,
@@ -30,13 +31,6 @@ QK = 32
 
 def _blocks(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, QK)
-
-
-def _signed_absmax(xb: torch.Tensor) -> torch.Tensor:
-    """The value with the largest magnitude, first one on ties, +0.0 for an all-zero block (C loop)."""
-    idx = xb.abs().argmax(dim=1, keepdim=True)
-    m = xb.gather(1, idx).squeeze(1)
-    return torch.where(m.abs() > 0, m, torch.zeros_like(m))
 
 
 def _inverse(d: torch.Tensor) -> torch.Tensor:
@@ -69,7 +63,7 @@ def _q4_0_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     rows = x.shape[0]
     xb = _blocks(x)
     if qw is None:
-        d = cdiv(_signed_absmax(xb), -8.0)
+        d = cdiv(first_absmax(xb, 1), -8.0)
         levels = torch.clamp(c_int_cast(xb * _inverse(d).unsqueeze(1) + 8.5), max=15)
     else:
         from quantbench.quant.ggml.search_symmetric import make_qx_quants
@@ -111,7 +105,7 @@ def _q5_0_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     rows = x.shape[0]
     xb = _blocks(x)
     if qw is None:
-        d = cdiv(_signed_absmax(xb), -16.0)
+        d = cdiv(first_absmax(xb, 1), -16.0)
         levels = torch.clamp(c_int_cast(xb * _inverse(d).unsqueeze(1) + 16.5), max=31)
     else:
         from quantbench.quant.ggml.search_symmetric import make_qx_quants

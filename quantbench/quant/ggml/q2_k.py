@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import torch
 
-from quantbench.quant.ggml.common import block_weights, fp16_bytes, fp16_from_bytes, fp16_round
-from quantbench.quant.ggml.q4_k import QK_K, requantize_affine, running_max_from_zero, seq_sum_last
-from quantbench.quant.ggml.search_affine import (
-    c_sqrtf,
+from quantbench.quant.ggml.common import (
+    block_weights,
     cdiv,
-    ggml_nearest_int,
-    make_qkx2_quants,
-    make_qkx3_quants,
-    make_qp_quants,
+    fp16_bytes,
+    fp16_from_bytes,
+    fp16_round,
+    nearest_int,
+    sqrtf,
 )
+from quantbench.quant.ggml.q4_k import QK_K, requantize_affine, running_max_from_zero, seq_sum
+from quantbench.quant.ggml.search_affine import make_qkx2_quants, make_qkx3_quants, make_qp_quants
 from quantbench.quant.registry import GGMLType, register
 
 _NSUB = QK_K // 16
@@ -40,8 +41,8 @@ def _quantize_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         has_s = max_scale > 0
         has_m = max_min > 0
         one = torch.ones_like(max_scale)
-        ls = ggml_nearest_int(cdiv(15.0, torch.where(has_s, max_scale, one)).unsqueeze(1) * scales)
-        lm = ggml_nearest_int(cdiv(15.0, torch.where(has_m, max_min, one)).unsqueeze(1) * mins)
+        ls = nearest_int(cdiv(15.0, torch.where(has_s, max_scale, one)).unsqueeze(1) * scales)
+        lm = nearest_int(cdiv(15.0, torch.where(has_m, max_min, one)).unsqueeze(1) * mins)
         ls = torch.where(has_s.unsqueeze(1), ls & 0xFF, torch.zeros_like(ls))
         lm = torch.where(has_m.unsqueeze(1), lm, torch.zeros_like(lm))
         sc = (ls | (lm << 4)) & 0xFF
@@ -50,10 +51,10 @@ def _quantize_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     else:
         # quantize_row_q2_K_impl: sigma2-weighted qkx3 search, scales/mins by make_qp_quants.
         flat = xb.reshape(B, QK_K)
-        sigma2 = cdiv(seq_sum_last(flat * flat), float(QK_K))
+        sigma2 = cdiv(seq_sum(flat * flat), float(QK_K))
         qwb = block_weights(qw, rows, QK_K).reshape(B, _NSUB, 16)
-        weights = qwb * c_sqrtf(sigma2.reshape(B, 1, 1) + xb * xb)
-        sw = seq_sum_last(weights)  # [B, 16]
+        weights = qwb * sqrtf(sigma2.reshape(B, 1, 1) + xb * xb)
+        sw = seq_sum(weights)  # [B, 16]
         scales, mins, L = make_qkx3_quants(groups, weights.reshape(-1, 16), 3, -0.9, 0.05, 36, False)
         d, Ls = make_qp_quants(scales.reshape(B, _NSUB), sw, 15)
         dmin, Lm = make_qp_quants(mins.reshape(B, _NSUB), sw, 15)

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from quantbench.quant.ggml.common import cdiv, fp16_from_bytes, fp16_round, sqrtf
-from quantbench.quant.ggml.search_symmetric import (
+from quantbench.quant.ggml.common import (
+    cdiv,
     first_absmax,
-    fp16_bytes_c,
-    make_q3_quants,
-    make_qx_quants,
-    nearest_int_exact,
+    fp16_bytes,
+    fp16_from_bytes,
+    fp16_round,
+    nearest_int,
+    sqrtf,
 )
+from quantbench.quant.ggml.search_symmetric import make_q3_quants, make_qx_quants
 from quantbench.quant.registry import GGMLType, register
 
 QK_K = 256
@@ -54,7 +56,7 @@ def _requantize_and_pack(
     B = xb.shape[0]
     dq = fp16_round(d).unsqueeze(1) * (ls - 32).to(torch.float32)  # [B, 16]
     g = xb.reshape(B, 16, 16)
-    lq = nearest_int_exact(g / dq.unsqueeze(2)).clamp_(-4, 3) + 4
+    lq = nearest_int(g / dq.unsqueeze(2)).clamp_(-4, 3) + 4
     L = torch.where((dq != 0).unsqueeze(2), lq, L.reshape(B, 16, 16)).reshape(B, QK_K)
 
     hbit = (L > 3).to(torch.int32)
@@ -65,7 +67,7 @@ def _requantize_and_pack(
     q = L.reshape(B, 2, 4, 32)
     qs = (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(B, 64)
     return torch.cat(
-        [hmask.to(torch.uint8), qs.to(torch.uint8), _pack_scales(ls), fp16_bytes_c(d.unsqueeze(1))], dim=1
+        [hmask.to(torch.uint8), qs.to(torch.uint8), _pack_scales(ls), fp16_bytes(d.unsqueeze(1))], dim=1
     )
 
 
@@ -77,7 +79,7 @@ def _quantize_ref(xb: torch.Tensor) -> torch.Tensor:
     has = max_scale != 0
     iscale = cdiv(-32.0, max_scale)
     # C stores nearest_int into an int8_t before clamping: wrap like the cast does.
-    ls = nearest_int_exact(iscale.unsqueeze(1) * scales).to(torch.int8).to(torch.int32).clamp_(-32, 31) + 32
+    ls = nearest_int(iscale.unsqueeze(1) * scales).to(torch.int8).to(torch.int32).clamp_(-32, 31) + 32
     ls = torch.where(has.unsqueeze(1), ls, torch.zeros_like(ls))
     d = torch.where(has, cdiv(1.0, iscale), torch.zeros_like(iscale))
     return _requantize_and_pack(xb, L, ls, d)

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import torch
 
-from quantbench.quant.ggml.common import block_weights, fp16_bytes, fp16_from_bytes, fp16_round
-from quantbench.quant.ggml.search_affine import (
-    _seq_sum0,
-    c_sqrtf,
+from quantbench.quant.ggml.common import (
+    block_weights,
     cdiv,
-    ggml_nearest_int,
+    fp16_bytes,
+    fp16_from_bytes,
+    fp16_round,
+    nearest_int,
+    seq_sum,
+    sqrtf,
+)
+from quantbench.quant.ggml.search_affine import (
     make_qkx2_quants,
     make_qkx3_quants,
     make_qp_quants,
@@ -24,11 +29,6 @@ from quantbench.quant.registry import GGMLType, register
 
 QK_K = 256
 K_SCALE_SIZE = 12
-
-
-def seq_sum_last(t: torch.Tensor) -> torch.Tensor:
-    """C-order float32 sum over the last dim, starting from +0.0f."""
-    return _seq_sum0(t.movedim(-1, 0))
 
 
 def running_max_from_zero(v: torch.Tensor) -> torch.Tensor:
@@ -69,7 +69,7 @@ def requantize_affine(
     """
     dz = d == 0
     dsafe = torch.where(dz, torch.ones_like(d), d)
-    l = ggml_nearest_int(cdiv(xb + dm.unsqueeze(-1), dsafe.unsqueeze(-1))).clamp_(0, nmax)
+    l = nearest_int(cdiv(xb + dm.unsqueeze(-1), dsafe.unsqueeze(-1))).clamp_(0, nmax)
     return torch.where(dz.unsqueeze(-1), L, l)
 
 
@@ -92,8 +92,8 @@ def quantize_k_affine_32(
     B = xb.shape[0]
     groups = xb.reshape(-1, 32)
     if qw is None:
-        sum_x2 = seq_sum_last(groups * groups)
-        av_x = c_sqrtf(cdiv(sum_x2, 32.0))
+        sum_x2 = seq_sum(groups * groups)
+        av_x = sqrtf(cdiv(sum_x2, 32.0))
         weights = av_x.unsqueeze(1) + groups.abs()
         rmin, rdelta, nstep = ref_search
         scales, mins, L = make_qkx2_quants(groups, weights, nmax, rmin, rdelta, nstep, False)
@@ -104,17 +104,17 @@ def quantize_k_affine_32(
         zero = torch.zeros_like(max_scale)
         inv_scale = torch.where(max_scale > 0, cdiv(63.0, max_scale), zero)
         inv_min = torch.where(max_min > 0, cdiv(63.0, max_min), zero)
-        ls = (ggml_nearest_int(inv_scale.unsqueeze(1) * scales) & 0xFF).clamp_(max=63)
-        lm = (ggml_nearest_int(inv_min.unsqueeze(1) * mins) & 0xFF).clamp_(max=63)
+        ls = (nearest_int(inv_scale.unsqueeze(1) * scales) & 0xFF).clamp_(max=63)
+        lm = (nearest_int(inv_min.unsqueeze(1) * mins) & 0xFF).clamp_(max=63)
         d = cdiv(max_scale, 63.0)
         dmin = cdiv(max_min, 63.0)
     else:
         flat = xb.reshape(B, QK_K)
-        sum_x2 = seq_sum_last(flat * flat)
+        sum_x2 = seq_sum(flat * flat)
         sigma2 = cdiv(2 * sum_x2, float(QK_K))
         qwb = block_weights(qw, rows, QK_K).reshape(B, 8, 32)
-        weights = qwb * c_sqrtf(sigma2.reshape(B, 1, 1) + xb * xb)
-        sw = seq_sum_last(weights)  # [B, 8]
+        weights = qwb * sqrtf(sigma2.reshape(B, 1, 1) + xb * xb)
+        sw = seq_sum(weights)  # [B, 8]
         scales, mins, L = make_qkx3_quants(groups, weights.reshape(-1, 32), nmax, -0.9, 0.05, 36, False)
         d, ls = make_qp_quants(scales.reshape(B, 8), sw, 63)
         dmin, lm = make_qp_quants(mins.reshape(B, 8), sw, 63)

@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from quantbench.quant.ggml.common import GROUP_MAX_EPS, cdiv, fp16_from_bytes, fp16_round
-from quantbench.quant.ggml.search_symmetric import first_absmax, fp16_bytes_c, make_qx_quants, nearest_int_exact
+from quantbench.quant.ggml.common import (
+    cdiv,
+    first_absmax,
+    fp16_bytes,
+    fp16_from_bytes,
+    fp16_round,
+    GROUP_MAX_EPS,
+    nearest_int,
+)
+from quantbench.quant.ggml.search_symmetric import make_qx_quants
 from quantbench.quant.registry import GGMLType, register
 
 QK_K = 256
@@ -30,9 +38,9 @@ def _quantize_blocks(xb: torch.Tensor, qwb: torch.Tensor | None) -> torch.Tensor
     iscale = cdiv(-128.0, max_scale)
     d = cdiv(1.0, iscale)
     # C stores MIN(127, v) into int8 (|v| <= 128 in practice; the cast wraps like C's would)
-    sc = nearest_int_exact(iscale.unsqueeze(1) * scales).clamp_(max=127).to(torch.int8)
+    sc = nearest_int(iscale.unsqueeze(1) * scales).clamp_(max=127).to(torch.int8)
     dq = fp16_round(d).unsqueeze(1) * sc.to(torch.float32)  # [B, 16]
-    lq = nearest_int_exact(xb.reshape(B, 16, 16) / dq.unsqueeze(2)).clamp_(-32, 31) + 32
+    lq = nearest_int(xb.reshape(B, 16, 16) / dq.unsqueeze(2)).clamp_(-32, 31) + 32
     L = torch.where((dq != 0).unsqueeze(2), lq, L.reshape(B, 16, 16)).reshape(B, 2, 4, 32)
 
     lo = L & 0xF
@@ -44,7 +52,7 @@ def _quantize_blocks(xb: torch.Tensor, qwb: torch.Tensor | None) -> torch.Tensor
             ql.reshape(B, 128).to(torch.uint8),
             qh.reshape(B, 64).to(torch.uint8),
             sc.view(torch.uint8),
-            fp16_bytes_c(d.unsqueeze(1)),
+            fp16_bytes(d.unsqueeze(1)),
         ],
         dim=1,
     )

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from quantbench.quant.ggml.common import cdiv, f32_bytes, f32_from_bytes
-from quantbench.quant.ggml.search_symmetric import first_absmax, nearest_int_exact
+from quantbench.quant.ggml.common import cdiv, f32_bytes, f32_from_bytes, first_absmax, nearest_int
+
 from quantbench.quant.registry import GGMLType, register
 
 QK_K = 256
@@ -26,7 +26,7 @@ def quantize_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     iscale = cdiv(-127.0, mx)
     # iscale can overflow to inf for subnormal maxima; the bit-trick result and the int8 store
     # wrap exactly as in C.
-    qs = nearest_int_exact(iscale * xb).clamp_(max=127).to(torch.int8)
+    qs = nearest_int(iscale * xb).clamp_(max=127).to(torch.int8)
     qs = torch.where(empty.unsqueeze(1), torch.zeros_like(qs), qs)
     bsums = qs.to(torch.int32).reshape(B, 16, 16).sum(2).to(torch.int16)  # exact integer sums
     d = torch.where(empty, torch.zeros(B, dtype=torch.float32, device=x.device), cdiv(1.0, iscale).squeeze(1))

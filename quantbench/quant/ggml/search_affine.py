@@ -9,77 +9,24 @@ C code updates a running best, or over refinement passes.
 Two torch division traps break bit-exactness: ``python_scalar / tensor`` is computed as
 ``reciprocal(tensor) * scalar`` on every device (a quarter of results off by an ulp), and on
 CUDA ``tensor / cpu_scalar`` as ``tensor * (1/scalar)``. Divisions here therefore always divide
-float32 tensors on the input's device (:func:`cdiv`). torch's float32 ``sqrt`` on CPU is not
-correctly rounded either (:func:`c_sqrtf`).
+float32 tensors on the input's device (:func:`quantbench.quant.ggml.common.cdiv`). torch's float32 ``sqrt`` on CPU is not
+correctly rounded either (:func:`quantbench.quant.ggml.common.sqrtf`).
 """
 
 from __future__ import annotations
 
 import torch
 
-GROUP_MAX_EPS = 1e-15
-_MAGIC = 12582912.0  # 1.5 * 2^23
+from quantbench.quant.ggml.common import GROUP_MAX_EPS, cdiv, nearest_int, seq_sum
+
 # Elements of one [n, groups] working tensor: cache-sized on CPU, large on accelerators.
 _CHUNK_ELEMS = 1 << 18
 _CHUNK_ELEMS_ACCEL = 1 << 26
 
 
-def ggml_nearest_int(v: torch.Tensor) -> torch.Tensor:
-    """ggml's ``nearest_int`` exactly, including its out-of-range results (int32).
-
-    Inside |v| <= 2^22 the magic-number trick is round-half-even; outside (or NaN/inf, which
-    release builds do not assert on) it returns the low mantissa bits, which we reproduce too.
-    """
-    r = torch.round(v).to(torch.int32)
-    bad = ~(v.abs() <= 4194303.0)
-    if bool(bad.any()):
-        bits = (v + _MAGIC).view(torch.int32)
-        r = torch.where(bad, (bits & 0x007FFFFF) - 0x00400000, r)
-    return r
-
-
 def _f32(v: float, ref: torch.Tensor) -> torch.Tensor:
+    """A float32 constant on ``ref``'s device, so arithmetic with it stays true float32."""
     return torch.tensor(v, dtype=torch.float32, device=ref.device)
-
-
-def cdiv(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
-    """IEEE float32 ``a / b`` on any device (never a reciprocal-multiply shortcut)."""
-    ref = a if isinstance(a, torch.Tensor) else b
-    assert isinstance(ref, torch.Tensor)
-    if not isinstance(a, torch.Tensor):
-        a = _f32(a, ref)
-    if not isinstance(b, torch.Tensor):
-        b = _f32(b, ref)
-    return torch.div(a, b)
-
-
-def c_sqrtf(s: torch.Tensor) -> torch.Tensor:
-    """C ``sqrtf``: the correctly rounded float32 square root, on any device.
-
-    torch's float32 ``sqrt`` on CPU (AVX2 kernels) is not correctly rounded (about 15% of
-    random inputs differ by an ulp). We take a float64 root rounded to float32, which is at
-    most one ulp off, and fix it with an exact test against the neighbouring midpoints (their
-    squares are exact in float64).
-    """
-    s = s.to(torch.float32)
-    s64 = s.double()
-    y = torch.sqrt(s64).float()
-    y64 = y.double()
-    up = torch.nextafter(y, torch.full_like(y, float("inf")))
-    dn = torch.nextafter(y, torch.zeros_like(y))
-    hm = up.double().add_(y64).mul_(0.5)
-    lm = dn.double().add_(y64).mul_(0.5)
-    # Zeros (with their sign), inf and NaN pass through unchanged.
-    return torch.where(hm.mul_(hm) < s64, up, torch.where(lm.mul_(lm) > s64, dn, y))
-
-
-def _seq_sum0(t: torch.Tensor) -> torch.Tensor:
-    """Sum over dim 0 in C loop order starting from +0.0f (``s = 0; s += t[j]``)."""
-    rows = t.unbind(0)
-    acc = torch.zeros_like(rows[0])
-    for r in rows:
-        acc.add_(r)
-    return acc
 
 
 def _levels_(v: torch.Tensor, nmax: int, in_range: bool) -> torch.Tensor:
@@ -90,7 +37,7 @@ def _levels_(v: torch.Tensor, nmax: int, in_range: bool) -> torch.Tensor:
     """
     if in_range:
         return v.round_().clamp_(0, nmax)
-    return ggml_nearest_int(v).clamp_(0, nmax).to(torch.float32)
+    return nearest_int(v).clamp_(0, nmax).to(torch.float32)
 
 
 def _levels_checked_(v: torch.Tensor, nmax: int) -> torch.Tensor:
@@ -132,7 +79,7 @@ def _qkx_search_chunk(
         wl = torch.mul(wt, Laux, out=buf[:, 0])
         torch.mul(wl, Laux, out=buf[:, 1])
         torch.mul(wl, xt, out=buf[:, 2])
-        sum_l, sum_l2, sum_xl = _seq_sum0(buf).unbind(0)
+        sum_l, sum_l2, sum_xl = seq_sum(buf, dim=0).unbind(0)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = cdiv(sum_w * sum_xl - sum_x * sum_l, D)
         this_min = cdiv(sum_l2 * sum_x - sum_l * sum_xl, D)
@@ -142,7 +89,7 @@ def _qkx_search_chunk(
         d = torch.mul(Laux, this_scale, out=buf[:, 0])
         d.add_(this_min).sub_(xt)
         d = d.abs_() if use_mad else d.mul_(d)
-        cur = _seq_sum0(d.mul_(wt))
+        cur = seq_sum(d.mul_(wt), dim=0)
         take = (D > 0) & (cur < best)  # NaN errors never compare smaller, as in C
         best = torch.where(take, cur, best)
         scale = torch.where(take, this_scale, scale)
@@ -202,7 +149,7 @@ def make_qkx_quants(
     d0 = scale * L
     d0.add_(mn).sub_(xt)
     d0 = d0.abs_() if use_mad else d0.mul_(d0)
-    best = _seq_sum0(d0.mul_(wt))
+    best = seq_sum(d0.mul_(wt), dim=0)
 
     if nstep >= 1:
         # rmin + rdelta*is + nmax in float32, left to right as C does
@@ -285,28 +232,28 @@ def make_qp_quants(x: torch.Tensor, quant_weights: torch.Tensor, nmax: int) -> t
     allzero = mx < _f32(GROUP_MAX_EPS, x)
 
     iscale = cdiv(fmax, mx).unsqueeze(1)  # [G, 1]
-    L = ggml_nearest_int(iscale * x) & 0xFF
+    L = nearest_int(iscale * x) & 0xFF
     scale = cdiv(1.0, iscale)
     diff = x - scale * L.to(torch.float32)
-    best = _seq_sum0(((w * diff) * diff).t())
+    best = seq_sum(((w * diff) * diff).t(), dim=0)
 
     for is_ in (-4, -3, -2, -1, 1, 2, 3, 4):
         num = _f32(0.1, x) * _f32(float(is_), x) + _f32(fmax, x)
         iscale_is = cdiv(num, mx).unsqueeze(1)
         scale_is = cdiv(1.0, iscale_is)
-        l = ggml_nearest_int(iscale_is * x).clamp_(max=nmax).to(torch.float32)
+        l = nearest_int(iscale_is * x).clamp_(max=nmax).to(torch.float32)
         diff = x - scale_is * l
-        mse = _seq_sum0(((w * diff) * diff).t())
+        mse = seq_sum(((w * diff) * diff).t(), dim=0)
         upd = mse < best
         best = torch.where(upd, mse, best)
         iscale = torch.where(upd.unsqueeze(1), iscale_is, iscale)
 
-    li = ggml_nearest_int(iscale * x).clamp_(max=nmax)
+    li = nearest_int(iscale * x).clamp_(max=nmax)
     lf = li.to(torch.float32)
     L = li & 0xFF
     wx = w * x
-    sumlx = _seq_sum0((wx * lf).t())
-    suml2 = _seq_sum0(((w * lf) * lf).t())
+    sumlx = seq_sum((wx * lf).t(), dim=0)
+    suml2 = seq_sum(((w * lf) * lf).t(), dim=0)
 
     active = ~allzero
     for _ in range(5):
@@ -319,7 +266,7 @@ def make_qp_quants(x: torch.Tensor, quant_weights: torch.Tensor, nmax: int) -> t
             slx = sumlx - wxi * Lf
             sl2 = suml2 - (wi * Lf) * Lf
             ok = active & (slx > 0) & (sl2 > 0)
-            new_l = ggml_nearest_int(cdiv(x[:, i] * sl2, slx)).clamp_(max=nmax)
+            new_l = nearest_int(cdiv(x[:, i] * sl2, slx)).clamp_(max=nmax)
             ok &= new_l != Li
             nf = new_l.to(torch.float32)
             slx = slx + wxi * nf

@@ -12,58 +12,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from quantbench.quant.ggml.common import GROUP_MAX_EPS, cdiv, sqrtf
-
-_MAGIC = 12582912.0  # 1.5 * 2**23
-
-
-def nearest_int_exact(v: torch.Tensor) -> torch.Tensor:
-    """ggml's ``nearest_int`` bit trick, reproduced for *every* float (int32 result).
-
-    Inside ``|v| < 2**22`` this is round-half-even; outside (huge ratios, inf) it returns the
-    same garbage the C does, which matters where the result is clamped afterwards. NaN gives 0:
-    with finite inputs every NaN in the C is x86's default NaN (mantissa 0x400000), whereas a
-    CUDA NaN has another mantissa, so NaN is mapped explicitly.
-    """
-    bits = (v + _MAGIC).view(torch.int32)
-    r = (bits & 0x7FFFFF) - 0x400000
-    return torch.where(torch.isnan(v), torch.zeros_like(r), r)
-
-
-def fp16_bytes_c(x: torch.Tensor) -> torch.Tensor:
-    """``GGML_FP32_TO_FP16`` bytes ([..., n] float → [..., 2n] uint8), NaN as x86 stores it.
-
-    ggml writes ``sign | 0x7E00`` for NaN and the C's NaNs here are x86's default NaN (sign
-    set), so NaN becomes 0xFE00 on every device (CUDA would give 0x7FFF).
-    """
-    h = x.to(torch.float16).contiguous().view(torch.int16)
-    h = torch.where(torch.isnan(x), torch.full_like(h, -512), h)  # 0xFE00 as int16
-    return h.view(torch.uint8)
+from quantbench.quant.ggml.common import GROUP_MAX_EPS, cdiv, first_absmax, nearest_int, seq_sum, sqrtf
 
 
 def _f32(v: float) -> float:
     return float(np.float32(v))
-
-
-def first_absmax(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """C's ``if (fabsf(v) > amax) { amax = fabsf(v); max = v; }`` scan from ``amax = max = 0``.
-
-    The first element of largest magnitude wins, NaN never does (torch's argmax would pick it),
-    and an all-zero/NaN slice gives 0.
-    """
-    a = x.abs()
-    a = torch.where(torch.isnan(a), torch.full_like(a, -1.0), a)
-    idx = a.argmax(dim=dim, keepdim=True)
-    v = x.gather(dim, idx)
-    return torch.where(a.gather(dim, idx) > 0, v, torch.zeros_like(v)).squeeze(dim)
-
-
-def _seq_sum(t: torch.Tensor) -> torch.Tensor:
-    """``s = 0; for i: s += t[i]`` over the first axis (``[n, ...]`` → ``[...]``)."""
-    acc = torch.zeros_like(t[0])
-    for i in range(t.shape[0]):
-        acc.add_(t[i])
-    return acc
 
 
 def _rmse_weights(xt: torch.Tensor, rmse_type: int) -> torch.Tensor:
@@ -166,7 +119,7 @@ def _make_qx_quants_chunk(
     wx = w * xt  # C: w*x[i]*l evaluates (w*x[i]) first
 
     if rmse_type < 0:
-        sumlx, suml2 = _seq_sum(wx * l), _seq_sum(w * l * l)
+        sumlx, suml2 = seq_sum(wx * l, dim=0), seq_sum(w * l * l, dim=0)
         scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
         inv = cdiv(1.0, iscale)
         return finish(torch.where(suml2 > 0, 0.5 * (scale + inv), inv), l)
@@ -181,10 +134,10 @@ def _make_qx_quants_chunk(
     torch.mul(isc.unsqueeze(0), xt.unsqueeze(1), out=l)
     l.round_().clamp_(lo, hi)  # |.| <= nmax + 1: round is the bit trick exactly
     torch.mul(wx.unsqueeze(1), l, out=t)
-    sumlx = _seq_sum(t)  # [19, G]
+    sumlx = seq_sum(t, dim=0)  # [19, G]
     torch.mul(w.unsqueeze(1), l, out=t)
     t.mul_(l)
-    suml2 = _seq_sum(t)
+    suml2 = seq_sum(t, dim=0)
 
     scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], torch.zeros_like(mx))
     best = scale * sumlx[0]
@@ -222,8 +175,8 @@ def make_q3_quants(x: torch.Tensor, nmax: int, do_rmse: bool) -> tuple[torch.Ten
     if do_rmse:
         w = xt * xt
         wx = w * xt
-        sumlx = _seq_sum(wx * l)
-        suml2 = _seq_sum(w * l * l)
+        sumlx = seq_sum(wx * l, dim=0)
+        suml2 = seq_sum(w * l * l, dim=0)
         # Sweeps only revisit groups that changed in the previous one: a sweep without changes
         # would repeat identically, which is exactly C's per-group early exit.
         idx = torch.arange(G, device=x.device)
@@ -235,7 +188,7 @@ def make_q3_quants(x: torch.Tensor, nmax: int, do_rmse: bool) -> tuple[torch.Ten
                 slx = slxa - wxa[i] * Li
                 sl2 = sl2a - wa[i] * Li * Li
                 # x*sl2/slx may be huge or non-finite when slx is tiny: keep C's bit-trick result.
-                new_l = nearest_int_exact(xa[i] * sl2 / slx).clamp_(-nmax, nmax - 1).to(torch.float32)
+                new_l = nearest_int(xa[i] * sl2 / slx).clamp_(-nmax, nmax - 1).to(torch.float32)
                 slx2 = slx + wxa[i] * new_l
                 sl22 = sl2 + wa[i] * new_l * new_l
                 accept = (

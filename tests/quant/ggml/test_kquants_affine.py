@@ -22,15 +22,9 @@ import numpy as np
 import pytest
 import torch
 
+from quantbench.quant.ggml.common import cdiv, nearest_int, sqrtf
 from quantbench.quant import dequantize, get_type, quantize
-from quantbench.quant.ggml.search_affine import (
-    c_sqrtf,
-    cdiv,
-    ggml_nearest_int,
-    make_qkx2_quants,
-    make_qkx3_quants,
-    make_qp_quants,
-)
+from quantbench.quant.ggml.search_affine import make_qkx2_quants, make_qkx3_quants, make_qp_quants
 from tests.quant.ggml.cases import make_imatrix
 
 TYPES = ["Q2_K", "Q4_K", "Q5_K"]
@@ -323,7 +317,7 @@ def _c_nearest_int(v: float) -> int:
 def test_nearest_int_matches_the_magic_number_trick() -> None:
     vals = [0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.49999, 4194303.0, -4194303.0, 4194304.5, 5e6, -7e6,
             1e10, -1e30, 3e38, float("inf"), float("-inf")]
-    got = ggml_nearest_int(torch.tensor(vals, dtype=torch.float32)).tolist()
+    got = nearest_int(torch.tensor(vals, dtype=torch.float32)).tolist()
     assert got == [_c_nearest_int(v) for v in vals]
 
 
@@ -333,7 +327,7 @@ def test_sqrtf_is_correctly_rounded() -> None:
         rng.random(200_000) * 10, np.abs(rng.standard_normal(50_000)) * 1e-40,
         np.abs(rng.standard_normal(50_000)) * 1e30, [0.0, -0.0, np.inf, 1e-45, 3.4028235e38, 2.0, 4.0],
     ]).astype(np.float32)
-    got = c_sqrtf(torch.from_numpy(s)).numpy()
+    got = sqrtf(torch.from_numpy(s)).numpy()
     np.testing.assert_array_equal(got.view(np.int32), np.sqrt(s).view(np.int32))
 
 

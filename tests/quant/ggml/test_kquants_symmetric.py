@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
+from quantbench.quant.ggml.common import nearest_int
 from quantbench.quant import dequantize, get_type, quantize
-from quantbench.quant.ggml.search_symmetric import make_q3_quants, make_qx_quants, nearest_int_exact
+from quantbench.quant.ggml.search_symmetric import make_q3_quants, make_qx_quants
 from tests.quant.ggml.cases import make_cases, make_imatrix
 
 TYPES = ["Q3_K", "Q6_K", "Q8_K"]
@@ -109,12 +110,12 @@ def test_q8_k_dequantize_matches_c(ggml_oracle) -> None:
         np.testing.assert_array_equal(dequantize(q).numpy().reshape(-1), ref, err_msg=case)
 
 
-def test_nearest_int_exact_matches_bit_trick() -> None:
+def test_nearest_int_matches_bit_trick() -> None:
     v = np.array([0.5, 1.5, 2.5, -0.5, -2.5, 4194303.0, 4194304.0, 1e9, -1e9, np.inf, -np.inf, np.nan, 1e-40],
                  np.float32)
     val = (v + np.float32(12582912.0)).astype(np.float32)
     expect = (val.view(np.int32) & 0x7FFFFF) - 0x400000
-    np.testing.assert_array_equal(nearest_int_exact(torch.from_numpy(v)).numpy(), expect)
+    np.testing.assert_array_equal(nearest_int(torch.from_numpy(v)).numpy(), expect)
 
 
 # ---- the static C search functions, compiled from the oracle's source -------------------------
