@@ -66,6 +66,7 @@ def bench_files(models: list[str], ftypes: list[str], threads: int, device: str)
     from quantbench.formats.gguf import read_gguf
 
     rows = []
+    CACHE.mkdir(parents=True, exist_ok=True)
     srcs = {"smollm2": smollm2_f32, "llama1b": llama1b_shaped_gguf}
     for m in models:
         src = srcs[m]()
@@ -147,6 +148,7 @@ def main() -> None:
     ap.add_argument("--tensor-types", default="all")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--skip-files", action="store_true")
+    ap.add_argument("--skip-tensors", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / f"quantize_speed-{platform.node()}.json")
     a = ap.parse_args()
 
@@ -160,8 +162,11 @@ def main() -> None:
                     "torch": torch.__version__, "device": a.device}
     if a.device == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
-    print(f"== one 4096x4096 tensor per type (ggml_quantize_chunk single thread vs quantbench on {a.device})")
-    result["tensors"] = bench_tensors(types, a.device, a.reps)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    if not a.skip_tensors:
+        print(f"== one 4096x4096 tensor per type (ggml_quantize_chunk single thread vs quantbench on {a.device})")
+        result["tensors"] = bench_tensors(types, a.device, a.reps)
+        a.out.write_text(json.dumps(result, indent=2))
     if not a.skip_files:
         print("== whole files: F32 GGUF -> ftype, wall time and peak RSS")
         result["files"] = bench_files(a.models.split(","), a.ftypes.split(","), a.threads, a.device)
@@ -171,7 +176,6 @@ def main() -> None:
             print(f"{r['model']:8s} {r['ftype']:7s} {r['llama_quantize']['wall_s']:8.2f} {r['quantbench']['wall_s']:8.2f} "
                   f"{r['wall_ratio']:6.2f} {r['llama_quantize']['peak_rss_mib']:9.0f} {r['quantbench']['peak_rss_mib']:9.0f} "
                   f"{r['largest_tensor_mib']:8.0f} {r['identical_file']}")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {a.out}")
 
