@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 
 def make_cases(n_per_row: int, rows: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
@@ -41,3 +42,24 @@ def make_imatrix(n_per_row: int, seed: int = 1, zero_columns: bool = True) -> np
     if zero_columns:
         im[:40] = 0.0   # zero columns: a whole 32-block and part of the next
     return im
+
+
+def assert_same_bytes(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
+    """Fail with the first differing row and byte, so a mismatch is easy to chase."""
+    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != {ref.shape}"
+    if not np.array_equal(ours, ref):
+        bad = np.nonzero((ours != ref).any(axis=1))[0]
+        r = bad[0]
+        col = np.nonzero(ours[r] != ref[r])[0][0]
+        pytest.fail(f"{what}: {len(bad)} of {len(ref)} rows differ; row {r} first diff at byte {col}")
+
+
+def check_against_oracle(qtype: str, x: np.ndarray, im: np.ndarray | None, oracle, what: str = "") -> None:
+    """Quantize ``x`` with quantbench and with llama.cpp, and require identical bytes."""
+    import torch
+
+    from quantbench.quant import get_type, quantize
+
+    t = get_type(qtype)
+    ours = quantize(torch.from_numpy(x), qtype, None if im is None else torch.from_numpy(im)).data.numpy()
+    assert_same_bytes(ours, oracle.quantize(t.ggml_id, x, im), what or qtype)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from quantbench.quant import all_types, dequantize, quantize
-from tests.quant.ggml.cases import make_cases, make_imatrix
+from tests.quant.ggml.cases import check_against_oracle, make_cases, make_imatrix
 
 QUANT_TYPES = [t.name for t in all_types()]
 
@@ -27,14 +27,7 @@ def test_bytes_identical(qtype: str, use_imatrix: bool, ggml_oracle) -> None:
     n = _row_len(t.block_size)
     im = make_imatrix(n) if use_imatrix else None
     for case, x in make_cases(n).items():
-        ours = quantize(torch.from_numpy(x), qtype, None if im is None else torch.from_numpy(im)).data.numpy()
-        ref = ggml_oracle.quantize(t.ggml_id, x, im)
-        assert ours.shape == ref.shape, (qtype, case)
-        if not np.array_equal(ours, ref):
-            bad_rows = np.nonzero((ours != ref).any(axis=1))[0]
-            r = bad_rows[0]
-            col = np.nonzero(ours[r] != ref[r])[0][0]
-            pytest.fail(f"{qtype}/{case}: {len(bad_rows)} rows differ; row {r} first diff at byte {col}")
+        check_against_oracle(qtype, x, im, ggml_oracle, f"{qtype}/{case}")
 
 
 @pytest.mark.parametrize("qtype", QUANT_TYPES)

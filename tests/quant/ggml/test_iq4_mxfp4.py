@@ -11,18 +11,11 @@ import torch
 
 from quantbench.quant import dequantize, get_type, quantize
 from quantbench.quant.qtensor import QTensor
-from tests.quant.ggml.cases import make_imatrix
+from tests.quant.ggml.cases import check_against_oracle, make_imatrix
 
 TYPES = ["IQ4_NL", "IQ4_XS", "MXFP4"]
 
 
-def _assert_same(qtype: str, x: np.ndarray, im: np.ndarray | None, oracle) -> None:
-    ours = quantize(torch.from_numpy(x), qtype, None if im is None else torch.from_numpy(im)).data.numpy()
-    ref = oracle.quantize(get_type(qtype).ggml_id, x, im)
-    if not np.array_equal(ours, ref):
-        bad = np.nonzero((ours != ref).any(axis=1))[0]
-        col = np.nonzero(ours[bad[0]] != ref[bad[0]])[0][0]
-        pytest.fail(f"{qtype}: {len(bad)} of {len(x)} rows differ; row {bad[0]} first diff at byte {col}")
 
 
 def _f32_bits(bits: np.ndarray) -> np.ndarray:
@@ -42,7 +35,7 @@ def test_wide_rows(qtype: str, seed: int, use_imatrix: bool, ggml_oracle) -> Non
         rng.standard_normal((4, n)) * 0.02,
     ]).astype(np.float32)
     im = make_imatrix(n, seed=seed + 7, zero_columns=seed == 0) if use_imatrix else None
-    _assert_same(qtype, x, im, ggml_oracle)
+    check_against_oracle(qtype, x, im, ggml_oracle)
 
 
 @pytest.mark.oracle
@@ -53,8 +46,8 @@ def test_extreme_magnitudes(qtype: str, ggml_oracle) -> None:
     scales = [1e-40, 1e-38, 1e-30, 1e-16, 1e-15, 2e-15, 1e-7, 1e-5, 1e5, 1e7, 1e10, 1e19, 1e20, 1e30, 6e37]
     x = np.concatenate([rng.standard_normal((2, 512)) * s for s in scales]).astype(np.float32)
     im = (rng.standard_normal(512) ** 2).astype(np.float32)
-    _assert_same(qtype, x, None, ggml_oracle)
-    _assert_same(qtype, x, im, ggml_oracle)
+    check_against_oracle(qtype, x, None, ggml_oracle)
+    check_against_oracle(qtype, x, im, ggml_oracle)
 
 
 @pytest.mark.oracle
@@ -72,8 +65,8 @@ def test_overflowing_sub_blocks(qtype: str, ggml_oracle) -> None:
     x[4, 32:64] = 0
     x[4, :32] *= 1e25
     x[5, ::2] *= 1e21
-    _assert_same(qtype, x, None, ggml_oracle)
-    _assert_same(qtype, x, make_imatrix(512, seed=12), ggml_oracle)
+    check_against_oracle(qtype, x, None, ggml_oracle)
+    check_against_oracle(qtype, x, make_imatrix(512, seed=12), ggml_oracle)
 
 
 @pytest.mark.oracle
@@ -92,8 +85,8 @@ def test_iq4_group_max_eps_boundary(qtype: str, ggml_oracle) -> None:
             rows.append(r)
     x = np.stack(rows).astype(np.float32)
     x[1, 256:] *= np.float32(1e6)  # a normal sub-block next to near-eps ones in one super-block
-    _assert_same(qtype, x, None, ggml_oracle)
-    _assert_same(qtype, x, make_imatrix(512), ggml_oracle)
+    check_against_oracle(qtype, x, None, ggml_oracle)
+    check_against_oracle(qtype, x, make_imatrix(512), ggml_oracle)
 
 
 @pytest.mark.oracle
@@ -111,8 +104,8 @@ def test_iq4_xs_scale_structure(ggml_oracle) -> None:
     x[5, 300] = -5.0
     x[6, :] = np.abs(x[6, :])
     x[7, :] = -np.abs(x[7, :])
-    _assert_same("IQ4_XS", x, None, ggml_oracle)
-    _assert_same("IQ4_XS", x, make_imatrix(512, seed=9), ggml_oracle)
+    check_against_oracle("IQ4_XS", x, None, ggml_oracle)
+    check_against_oracle("IQ4_XS", x, make_imatrix(512, seed=9), ggml_oracle)
 
 
 @pytest.mark.oracle
@@ -131,7 +124,7 @@ def test_mxfp4_exponent_boundaries(ggml_oracle) -> None:
     pos = rng.integers(0, 32, len(a))
     x[np.arange(len(a)), pos] = np.where(rng.random(len(a)) < 0.5, a, -a)
     x = np.concatenate([x, np.zeros((-len(x) % 8, 32), np.float32)])
-    _assert_same("MXFP4", x.reshape(-1, 256), None, ggml_oracle)
+    check_against_oracle("MXFP4", x.reshape(-1, 256), None, ggml_oracle)
 
 
 @pytest.mark.oracle
@@ -141,7 +134,7 @@ def test_mxfp4_random_bit_patterns(ggml_oracle) -> None:
     a = _f32_bits(rng.integers(1, 0x7F7FFFFF, 20000, dtype=np.uint32))
     x = (rng.uniform(-1, 1, (len(a), 32)) * a[:, None]).astype(np.float32)
     x[:, 3] = a
-    _assert_same("MXFP4", x.reshape(-1, 128), None, ggml_oracle)
+    check_against_oracle("MXFP4", x.reshape(-1, 128), None, ggml_oracle)
 
 
 @pytest.mark.oracle
@@ -161,7 +154,7 @@ def test_mxfp4_level_ties(ggml_oracle) -> None:
         rows.append(blk.reshape(-1, 32))
     x = np.concatenate(rows).reshape(-1, 32)
     x = np.concatenate([x, -x, np.full((1, 32), -0.0, np.float32)])
-    _assert_same("MXFP4", x, None, ggml_oracle)
+    check_against_oracle("MXFP4", x, None, ggml_oracle)
 
 
 def _best_index_int8_scalar(x: float, vals: list[int]) -> int:

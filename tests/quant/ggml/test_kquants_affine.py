@@ -25,18 +25,11 @@ import torch
 from quantbench.quant.ggml.common import cdiv, nearest_int, sqrtf
 from quantbench.quant import dequantize, get_type, quantize
 from quantbench.quant.ggml.search_affine import make_qkx2_quants, make_qkx3_quants, make_qp_quants
-from tests.quant.ggml.cases import make_imatrix
+from tests.quant.ggml.cases import assert_same_bytes, make_imatrix
 
 TYPES = ["Q2_K", "Q4_K", "Q5_K"]
 
 
-def _assert_same(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
-    assert ours.shape == ref.shape, what
-    if not np.array_equal(ours, ref):
-        bad = np.nonzero((ours != ref).any(axis=1))[0]
-        r = bad[0]
-        col = np.nonzero(ours[r] != ref[r])[0][0]
-        pytest.fail(f"{what}: {len(bad)} rows differ; row {r} first diff at byte {col}")
 
 
 def _edge_inputs(seed: int, n: int) -> dict[str, np.ndarray]:
@@ -76,7 +69,7 @@ def _imatrices(seed: int, n: int) -> dict[str, np.ndarray | None]:
 def _check(qtype: str, x: np.ndarray, im: np.ndarray | None, oracle, what: str) -> None:
     t = get_type(qtype)
     ours = quantize(torch.from_numpy(x), qtype, None if im is None else torch.from_numpy(im)).data.numpy()
-    _assert_same(ours, oracle.quantize(t.ggml_id, x, im), what)
+    assert_same_bytes(ours, oracle.quantize(t.ggml_id, x, im), what)
 
 
 @pytest.mark.oracle

@@ -22,18 +22,11 @@ import torch
 from quantbench.quant.ggml.common import nearest_int
 from quantbench.quant import dequantize, get_type, quantize
 from quantbench.quant.ggml.search_symmetric import make_q3_quants, make_qx_quants
-from tests.quant.ggml.cases import make_cases, make_imatrix
+from tests.quant.ggml.cases import assert_same_bytes, make_cases, make_imatrix
 
 TYPES = ["Q3_K", "Q6_K", "Q8_K"]
 
 
-def _assert_same(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
-    assert ours.shape == ref.shape, what
-    if not np.array_equal(ours, ref):
-        bad = np.nonzero((ours != ref).any(axis=1))[0]
-        r = bad[0]
-        col = np.nonzero(ours[r] != ref[r])[0][0]
-        pytest.fail(f"{what}: {len(bad)} rows differ; row {r} first diff at byte {col}")
 
 
 def _wide_inputs(seed: int) -> dict[str, np.ndarray]:
@@ -67,7 +60,7 @@ def test_wide_rows_match_llama_cpp(qtype: str, seed: int, ggml_oracle) -> None:
         for im_name, im in imatrices.items():
             ours = quantize(torch.from_numpy(x), qtype, None if im is None else torch.from_numpy(im)).data.numpy()
             ref = ggml_oracle.quantize(t.ggml_id, x, im)
-            _assert_same(ours, ref, f"{qtype}/{case}/imatrix={im_name}/seed={seed}")
+            assert_same_bytes(ours, ref, f"{qtype}/{case}/imatrix={im_name}/seed={seed}")
 
 
 @pytest.mark.oracle
@@ -94,7 +87,7 @@ def test_degenerate_magnitudes_match_llama_cpp(qtype: str, ggml_oracle) -> None:
     for im in (None, make_imatrix(512, seed=3)):
         ours = quantize(torch.from_numpy(x), qtype, None if im is None else torch.from_numpy(im)).data.numpy()
         ref = ggml_oracle.quantize(t.ggml_id, x, im)
-        _assert_same(ours, ref, f"{qtype}/degenerate/imatrix={im is not None}")
+        assert_same_bytes(ours, ref, f"{qtype}/degenerate/imatrix={im is not None}")
 
 
 @pytest.mark.oracle
