@@ -9,7 +9,6 @@ same tensor order (llama.cpp's loader sorts by layer number, then name), the sam
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,9 +104,6 @@ def _supported(type_name: str) -> bool:
         return False
 
 
-def _layer_sort_key(name: str) -> tuple[int, bytes]:
-    m = re.match(r"blk\.(\d+)\.", name)
-    return (int(m.group(1)) if m else -1, name.encode())
 
 
 def resolve_device(device: str) -> torch.device:
@@ -153,7 +149,7 @@ def quantize_gguf(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> QuantizeReport:
     """Quantize GGUF ``src`` to ``dst`` with a llama.cpp ftype (``Q4_K_M``) or a single GGML type."""
-    from quantbench.plan.llama_mixture import TensorSpec, plan_tensors
+    from quantbench.plan.llama_mixture import TensorSpec, loader_order_key, plan_tensors
 
     t0 = time.perf_counter()
     dev = resolve_device(device)
@@ -161,7 +157,7 @@ def quantize_gguf(
     choice = resolve_isq(isq, pure)
     im = read_imatrix(imatrix) if imatrix is not None else None
 
-    tensors = sorted(g.tensors, key=lambda t: _layer_sort_key(t.name))
+    tensors = sorted(g.tensors, key=lambda t: loader_order_key(t.name))
     specs = [TensorSpec(t.name, t.ne, t.ggml_type) for t in tensors]
     overrides = [(".*", choice.single_type)] if choice.single_type else []
     plans = plan_tensors(specs, g.architecture, g.values(), choice.ftype, pure=choice.pure,

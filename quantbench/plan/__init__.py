@@ -7,6 +7,7 @@ from quantbench.plan.llama_mixture import (
     TensorSpec,
     get_ftype,
     inputs_from_gguf,
+    loader_order_key,
     n_fallback,
     plan_tensors,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "TensorSpec",
     "get_ftype",
     "inputs_from_gguf",
+    "loader_order_key",
     "n_fallback",
     "plan_tensors",
 ]

@@ -229,10 +229,13 @@ def _layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _loader_order_key(spec: TensorSpec) -> tuple[int, bytes]:
-    """llama_model_loader's weight_name_comparer: layer number (-1 outside blocks), then name."""
-    layer = _layer_of(spec.name)
-    return (-1 if layer is None else layer, spec.name.encode("utf-8"))
+def loader_order_key(name: str) -> tuple[int, bytes]:
+    """llama_model_loader's weight_name_comparer: layer number (-1 outside blocks), then name.
+
+    llama-quantize visits and writes tensors in this order, so its counters and its output
+    files follow it."""
+    layer = _layer_of(name)
+    return (-1 if layer is None else layer, name.encode("utf-8"))
 
 
 OUTPUT, TOKEN_EMBD, ATTN_Q, ATTN_V, ATTN_K, ATTN_QKV, ATTN_KV_B, ATTN_OUTPUT = (
@@ -677,7 +680,7 @@ def plan_tensors(
     )
 
     plans: dict[str, TensorPlan] = {}
-    for spec in sorted(specs, key=_loader_order_key):
+    for spec in sorted(specs, key=lambda sp: loader_order_key(sp.name)):
         plan, allowed = _plan_one(st, spec, ft, default_type, pure, quantize_output_tensor)
         plans[spec.name] = plan
         if allowed and not has_imatrix and _requires_imatrix(spec.name, plan.target_type, ft.name):
@@ -735,20 +738,7 @@ def _typed(
 
 def inputs_from_gguf(path: Any) -> tuple[list[TensorSpec], str, dict[str, Any]]:
     """Read ``plan_tensors``'s inputs (tensors, architecture, metadata) from a GGUF file header."""
-    import gguf  # optional dependency, only for this helper
+    from quantbench.formats.gguf import read_gguf
 
-    reader = gguf.GGUFReader(str(path))
-    metadata: dict[str, Any] = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        if key.startswith("tokenizer.ggml.") and f.types and f.types[0] == gguf.GGUFValueType.ARRAY:
-            continue  # vocabularies: large and never read by the rules
-        metadata[key] = f.contents()
-    arch = metadata.get("general.architecture")
-    if not isinstance(arch, str):
-        raise FormatError(f"{path}: no general.architecture")
-    specs = [
-        TensorSpec(t.name, tuple(int(d) for d in t.shape), t.tensor_type.name) for t in reader.tensors
-    ]
-    return specs, arch, metadata
+    g = read_gguf(path)
+    return [TensorSpec(t.name, t.ne, t.ggml_type) for t in g.tensors], g.architecture, g.values()
