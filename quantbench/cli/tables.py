@@ -71,3 +71,8 @@ def print_quantize_report(src: Path, report, console: Console | None = None) -> 
         f"({report.bits_per_weight:.3f} bits/weight; source {_fmt_bytes(src_bytes)}), "
         f"{len(report.tensors)} tensors, {im} quantized with an imatrix, in {report.seconds:.1f} s"
     )
+    requant = Counter(x.src_type for x in report.tensors
+                      if x.src_type != x.dst_type and x.src_type not in ("F32", "F16", "BF16"))
+    if requant:
+        src = ", ".join(f"{n} from {ty}" for ty, n in requant.most_common())
+        console.print(f"note: requantized {src}: the source was already quantized, so its rounding error is kept")
