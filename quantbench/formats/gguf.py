@@ -38,6 +38,7 @@ class GGUFTensor:
     ggml_id: int
     shape: tuple[int, ...]  # torch order: ne reversed, last dim = row length
     nbytes: int
+    offset: int  # absolute file offset of the tensor's bytes
     _raw: np.ndarray = field(repr=False)
     path: Path = field(repr=False, default=Path())
 
@@ -54,12 +55,24 @@ class GGUFTensor:
         return int(np.prod(self.shape[:-1])) if len(self.shape) > 1 else 1
 
     def raw_rows(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """uint8 ``[rows, row_bytes]`` for rows ``start:stop``, copied out of the mapping."""
-        flat = self._raw.reshape(-1).view(np.uint8)
+        """uint8 ``[rows, row_bytes]`` for rows ``start:stop``.
+
+        Read with ``pread`` rather than through the reader's memory map: pages of a map that
+        were touched count in the process's resident set until unmapped, which would make a
+        streaming job's peak RSS grow with the model; a read keeps only this slab in memory.
+        """
         row_bytes = self.nbytes // self.nrows
         stop = self.nrows if stop is None else stop
-        chunk = np.array(flat[start * row_bytes : stop * row_bytes]).reshape(stop - start, row_bytes)
-        return torch.from_numpy(chunk)
+        n = (stop - start) * row_bytes
+        buf = bytearray(n)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            got = os.preadv(fd, [buf], self.offset + start * row_bytes)
+        finally:
+            os.close(fd)
+        if got != n:
+            raise FormatError(f"{self.path}: truncated: tensor {self.name} rows {start}..{stop} incomplete")
+        return torch.frombuffer(buf, dtype=torch.uint8).reshape(stop - start, row_bytes)
 
     def qtensor(self) -> QTensor:
         return QTensor(self.ggml_type, self.shape, {"data": self.raw_rows()})
@@ -137,6 +150,7 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
                 ggml_id=int(t.tensor_type),
                 shape=tuple(reversed(ne)),
                 nbytes=int(t.n_bytes),
+                offset=int(t.data_offset),
                 _raw=t.data,
                 path=p,
             )
