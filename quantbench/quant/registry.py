@@ -114,7 +114,15 @@ def quantize(
 
 
 def quantize_rows(t: GGMLType, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
-    """``t.quantize_rows`` on whatever device ``x`` lives on: the one entry point jobs call."""
+    """``t.quantize_rows`` on whatever device ``x`` lives on: the one entry point jobs call.
+
+    Block types on CUDA go through cached CUDA graphs (same kernels, same bytes, one launch:
+    see :mod:`quantbench.quant.cuda_graphs`).
+    """
+    if x.is_cuda and t.block_size > 1:
+        from quantbench.quant import cuda_graphs
+
+        return cuda_graphs.quantize_rows(t, x, qw)
     return t.quantize_rows(x, qw)
 
 

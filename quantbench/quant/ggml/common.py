@@ -8,6 +8,9 @@ vectorizing across blocks, and (c) fp16 round trips of stored scales.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
 GROUP_MAX_EPS = 1e-15
@@ -24,9 +27,66 @@ def nearest_int(v: torch.Tensor) -> torch.Tensor:
     NaN gives 0: the C's NaNs are x86's default NaN (mantissa 0x400000) while a CUDA NaN has
     another mantissa, so NaN is mapped explicitly.
     """
-    bits = (v.to(torch.float32) + _MAGIC).view(torch.int32)
-    r = (bits & 0x7FFFFF) - 0x400000
-    return torch.where(torch.isnan(v), torch.zeros_like(r), r)
+    t = torch.nan_to_num(v.to(torch.float32), nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+    return t.add_(_MAGIC).view(torch.int32).bitwise_and_(0x7FFFFF).sub_(0x400000)
+
+
+def clamped_levels_(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """In place: ``MAX(lo, MIN(hi, nearest_int(v)))`` as exact float32 values, for every float.
+
+    Equals ``nearest_int(v).clamp_(lo, hi).float()`` (NaN giving 0 before the clamp) in fewer
+    full-size passes, for devices where checking the range of ``v`` first would cost a host
+    sync: the clamp works on the mantissa of ``v + 1.5*2^23``, and restoring that float's
+    exponent makes it ``1.5*2^23 + level``.
+    """
+    if not -0x400000 <= lo <= hi < 0x400000:
+        raise ValueError(f"level range {lo}..{hi} is outside nearest_int's exact range")
+    torch.nan_to_num_(v, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+    b = v.add_(_MAGIC).view(torch.int32)
+    b.bitwise_and_(0x7FFFFF).clamp_(0x400000 + lo, 0x400000 + hi).bitwise_or_(0x4B000000)
+    return v.sub_(_MAGIC)
+
+
+_FORCE_SYNC_FREE = False
+
+
+def sync_free(x: torch.Tensor) -> bool:
+    """Whether code on ``x``'s device must avoid host syncs and host-to-device copies.
+
+    Off the CPU every quantizer must be capturable in a CUDA graph: no data-dependent early
+    exits or compaction (loops run their full count, where the extra passes provably change
+    nothing), no reads of device values on the host. On the CPU those exits save real work
+    and cost nothing, so they stay (:func:`forced_sync_free` lets tests run the other path).
+    """
+    return _FORCE_SYNC_FREE or x.device.type != "cpu"
+
+
+@contextmanager
+def forced_sync_free() -> Iterator[None]:
+    """Run the sync-free code paths on the CPU too, so CPU tests can check their bytes."""
+    global _FORCE_SYNC_FREE
+    old, _FORCE_SYNC_FREE = _FORCE_SYNC_FREE, True
+    try:
+        yield
+    finally:
+        _FORCE_SYNC_FREE = old
+
+
+_CONSTS: dict[tuple, torch.Tensor] = {}
+
+
+def const(values: float | tuple, ref: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``torch.tensor(values, dtype)`` on ``ref``'s device, made once per (device, dtype, values).
+
+    Made per call it would be a host-to-device copy, which CUDA graph capture refuses; the
+    first (eager) call fills this cache, so captured calls only look it up.
+    """
+    key = (ref.device, dtype, repr(values))
+    t = _CONSTS.get(key)
+    if t is None:
+        t = torch.tensor(values, dtype=dtype, device=ref.device)
+        _CONSTS[key] = t
+    return t
 
 
 def first_absmax(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -35,8 +95,7 @@ def first_absmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     The first element of largest magnitude wins, NaN never does (torch's argmax would pick it),
     and an all-zero/NaN slice gives +0.
     """
-    a = x.abs()
-    a = torch.where(torch.isnan(a), torch.full_like(a, -1.0), a)
+    a = x.abs().nan_to_num_(nan=-1.0, posinf=float("inf"))
     idx = a.argmax(dim=dim, keepdim=True)
     v = x.gather(dim, idx)
     return torch.where(a.gather(dim, idx) > 0, v, torch.zeros_like(v)).squeeze(dim)
@@ -115,16 +174,49 @@ def sqrtf(s: torch.Tensor) -> torch.Tensor:
     return torch.where(hm.mul_(hm) < s64, up, torch.where(lm.mul_(lm) > s64, dn, y))
 
 
-def seq_sum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+def seq_sum(x: torch.Tensor, dim: int = -1, *, from_first: bool = False) -> torch.Tensor:
     """Sum over ``dim`` in C loop order (``s = 0.0f; s += x[j]`` from j=0), float32.
 
     Vectorized across everything else; the sequential order is what makes the bytes match.
+    ``from_first`` is C's ``s = x[0]; s += x[j]`` from j=1, which differs only in giving -0
+    when every addend is -0.
+
+    On CUDA this is one ``cumsum`` kernel instead of one launch per position: cumsum over a
+    dimension that is not the innermost one runs one thread per column, each adding its column
+    sequentially in float32 from 0 (torch's ``tensor_kernel_scan_outer_dim``), which is the C
+    loop exactly. Elsewhere cumsum may accumulate in double or in parallel, so other devices
+    keep the loop.
     """
-    parts = x.to(torch.float32).unbind(dim)
-    acc = torch.zeros_like(parts[0])
-    for p in parts:
+    x = x.to(torch.float32)
+    if x.is_cuda:
+        s = _cuda_seq_sum(x, dim)
+        if from_first and x.shape[dim] > 0:
+            neg0 = ((x == 0) & torch.signbit(x)).all(dim)
+            s = torch.where(neg0, -torch.zeros_like(s), s)
+        return s
+    parts = x.unbind(dim)
+    acc = parts[0].clone() if from_first else torch.zeros_like(parts[0])
+    for p in parts[1:] if from_first else parts:
         acc.add_(p)
     return acc
+
+
+def _cuda_seq_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    dim %= x.dim()
+    n = x.shape[dim]
+    if dim < x.dim() - 1 and 0 < n < x.numel():
+        # Already not innermost (and not a lone column, which would go to cub): scan in place.
+        return torch.cumsum(x, dim).select(dim, n - 1).clone()
+    xm = x.movedim(dim, 0)
+    rest = xm.shape[1:]
+    flat = xm.reshape(n, -1)
+    m = flat.shape[1]
+    if n == 0 or m == 0:
+        return x.new_zeros(rest)
+    if m == 1:
+        # A single column would take cub's parallel scan: give the kernel two.
+        flat = torch.cat([flat, flat], dim=1)
+    return torch.cumsum(flat.contiguous(), dim=0)[-1, :m].clone().reshape(rest)
 
 
 def pack_nibbles(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:

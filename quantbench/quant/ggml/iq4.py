@@ -14,7 +14,15 @@ from __future__ import annotations
 
 import torch
 
-from quantbench.quant.ggml.common import first_absmax, fp16_bytes, fp16_from_bytes, pack_nibbles, seq_sum, sqrtf
+from quantbench.quant.ggml.common import (
+    const,
+    first_absmax,
+    fp16_bytes,
+    fp16_from_bytes,
+    pack_nibbles,
+    seq_sum,
+    sqrtf,
+)
 from quantbench.quant.registry import GGMLType, register
 
 KVALUES_IQ4NL: tuple[int, ...] = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -102,7 +110,7 @@ def _block_scales(xb: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     nb = xb.shape[0]
     amax = xb.abs().amax(dim=1)
     mx = xb.gather(1, xb.abs().argmax(dim=1, keepdim=True)).squeeze(1)
-    valid = ~(amax < torch.tensor(_GROUP_MAX_EPS, dtype=torch.float32, device=xb.device))
+    valid = ~(amax < const(_GROUP_MAX_EPS, xb))
     # Blocks below the threshold are skipped in C; give them a harmless max so no inf/NaN appears.
     mx = torch.where(valid, mx, torch.ones_like(mx))
 

@@ -15,6 +15,7 @@ from quantbench.quant.ggml.common import (
     fp16_from_bytes,
     fp16_round,
     nearest_int,
+    seq_sum,
     sqrtf,
 )
 from quantbench.quant.ggml.search_symmetric import make_q3_quants, make_qx_quants
@@ -88,15 +89,9 @@ def _quantize_ref(xb: torch.Tensor) -> torch.Tensor:
 def _quantize_impl(xb: torch.Tensor, qwb: torch.Tensor) -> torch.Tensor:
     B = xb.shape[0]
     x2 = xb * xb
-    sumx2 = torch.zeros(B, dtype=torch.float32, device=xb.device)
-    for j in range(QK_K):
-        sumx2.add_(x2[:, j])
-    sigma2 = 2 * sumx2 / QK_K
+    sigma2 = 2 * seq_sum(x2) / QK_K
     weight = qwb * sqrtf(sigma2.unsqueeze(1) + x2)  # [B, 256]
-    wg = weight.reshape(B, 16, 16)
-    sw = torch.zeros(B, 16, dtype=torch.float32, device=xb.device)
-    for l in range(16):
-        sw.add_(wg[:, :, l])
+    sw = seq_sum(weight.reshape(B, 16, 16))  # [B, 16]
     scales, L = make_qx_quants(xb.reshape(B * 16, 16), 4, 1, weight.reshape(B * 16, 16))
     d_block, ls = make_qx_quants(scales.reshape(B, 16), 32, 1, sw)
     return _requantize_and_pack(xb, L, ls, d_block)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from quantbench.quant.ggml.common import cdiv, f32_bytes, f32_from_bytes, first_absmax, nearest_int
+from quantbench.quant.ggml.common import cdiv, f32_bytes, f32_from_bytes, first_absmax
 
 from quantbench.quant.registry import GGMLType, register
 
@@ -24,11 +24,13 @@ def quantize_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     mx = first_absmax(xb, 1).unsqueeze(1)
     empty = (mx == 0).squeeze(1)
     iscale = cdiv(-127.0, mx)
-    # iscale can overflow to inf for subnormal maxima; the bit-trick result and the int8 store
-    # wrap exactly as in C.
-    qs = nearest_int(iscale * xb).clamp_(max=127).to(torch.int8)
+    # |iscale * x| <= 127 wherever iscale is finite, so rounding is nearest_int there. iscale
+    # overflows to inf for subnormal maxima (and is -0 for an infinite one): C's nearest_int of
+    # the resulting +-inf or NaN, after MIN(127, .) and the int8 store, is 0.
+    v = (iscale * xb).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    qs = v.round_().to(torch.int8)
     qs = torch.where(empty.unsqueeze(1), torch.zeros_like(qs), qs)
-    bsums = qs.to(torch.int32).reshape(B, 16, 16).sum(2).to(torch.int16)  # exact integer sums
+    bsums = qs.reshape(B, 16, 16).sum(2, dtype=torch.int32).to(torch.int16)  # exact integer sums
     d = torch.where(empty, torch.zeros(B, dtype=torch.float32, device=x.device), cdiv(1.0, iscale).squeeze(1))
     out = torch.cat([f32_bytes(d.unsqueeze(1)), qs.view(torch.uint8), bsums.contiguous().view(torch.uint8)], dim=1)
     return out.reshape(rows, -1)

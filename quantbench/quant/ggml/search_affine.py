@@ -15,9 +15,19 @@ correctly rounded either (:func:`quantbench.quant.ggml.common.sqrtf`).
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
-from quantbench.quant.ggml.common import GROUP_MAX_EPS, cdiv, nearest_int, seq_sum
+from quantbench.quant.ggml.common import (
+    GROUP_MAX_EPS,
+    cdiv,
+    clamped_levels_,
+    const,
+    nearest_int,
+    seq_sum,
+    sync_free,
+)
 
 # Elements of one [n, groups] working tensor: cache-sized on CPU, large on accelerators.
 _CHUNK_ELEMS = 1 << 18
@@ -26,7 +36,28 @@ _CHUNK_ELEMS_ACCEL = 1 << 26
 
 def _f32(v: float, ref: torch.Tensor) -> torch.Tensor:
     """A float32 constant on ``ref``'s device, so arithmetic with it stays true float32."""
-    return torch.tensor(v, dtype=torch.float32, device=ref.device)
+    return const(v, ref)
+
+
+def _f32_cpu(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32)
+
+
+@lru_cache(maxsize=None)
+def _qkx_candidates(rmin: float, rdelta: float, nstep: int, nmax: int) -> tuple[float, ...]:
+    """``rmin + rdelta*is + nmax`` for is = 0..nstep, in float32 left to right as C computes it."""
+    return tuple(
+        float((_f32_cpu(rmin) + _f32_cpu(rdelta) * _f32_cpu(float(i))) + _f32_cpu(float(nmax)))
+        for i in range(nstep + 1)
+    )
+
+
+@lru_cache(maxsize=None)
+def _qp_candidates(nmax: int) -> tuple[float, ...]:
+    """``nmax + 0.1f*is`` for is = -4..4 (skipping 0), in float32 as C computes it."""
+    return tuple(
+        float(_f32_cpu(0.1) * _f32_cpu(float(k)) + _f32_cpu(float(nmax))) for k in (-4, -3, -2, -1, 1, 2, 3, 4)
+    )
 
 
 def _levels_(v: torch.Tensor, nmax: int, in_range: bool) -> torch.Tensor:
@@ -41,7 +72,12 @@ def _levels_(v: torch.Tensor, nmax: int, in_range: bool) -> torch.Tensor:
 
 
 def _levels_checked_(v: torch.Tensor, nmax: int) -> torch.Tensor:
-    """:func:`_levels_`, choosing the fast path from ``v`` itself (one min/max pass)."""
+    """:func:`_levels_`, choosing the fast path from ``v`` itself (one min/max pass).
+
+    Off the CPU that choice would be a host sync: the exact levels are computed directly.
+    """
+    if sync_free(v):
+        return clamped_levels_(v, 0, nmax)
     lo, hi = torch.aminmax(v)
     return _levels_(v, nmax, bool((lo >= -4194303.0) & (hi <= 4194303.0)))
 
@@ -54,9 +90,10 @@ def _qkx_search_chunk(
     sum_x: torch.Tensor,
     best: torch.Tensor,
     mn: torch.Tensor,
-    cand: list[torch.Tensor],
+    cand: torch.Tensor,
     nmax: int,
     use_mad: bool,
+    active: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The C candidate loop for a chunk of groups ([n, G] inputs), one candidate at a time.
 
@@ -65,32 +102,40 @@ def _qkx_search_chunk(
     Returns ``(won, scale, min, lev_iscale, lev_min)``: for groups where some candidate won,
     its scale and min, and the (iscale, min) its levels came from, so that the levels are
     rebuilt once at the end instead of being carried through every candidate.
+    ``active`` (or None: all) masks the groups allowed to take a candidate.
     """
     n, G = xt.shape
     scale = torch.zeros_like(hi)
     lev_iscale = torch.zeros_like(hi)
     lev_min = torch.zeros_like(hi)
     won = torch.zeros(G, dtype=torch.bool, device=xt.device)
-    buf = torch.empty((n, 3, G), dtype=torch.float32, device=xt.device)
+    # The three per-position products share one buffer so that one sequential sum covers them:
+    # [n, 3, G] on the CPU (each position's slice contiguous for the add loop), [3, n, G] on
+    # CUDA (each product contiguous for vectorized kernels, summed by one scan over dim 1).
+    on_cpu = xt.device.type == "cpu"
+    buf = torch.empty((n, 3, G) if on_cpu else (3, n, G), dtype=torch.float32, device=xt.device)
+    parts = buf.unbind(1) if on_cpu else buf.unbind(0)
     for c in cand:
         iscale = cdiv(c, hi - mn)
         v = xt - mn
         Laux = _levels_checked_(v.mul_(iscale), nmax)
-        wl = torch.mul(wt, Laux, out=buf[:, 0])
-        torch.mul(wl, Laux, out=buf[:, 1])
-        torch.mul(wl, xt, out=buf[:, 2])
-        sum_l, sum_l2, sum_xl = seq_sum(buf, dim=0).unbind(0)
+        wl = torch.mul(wt, Laux, out=parts[0])
+        torch.mul(wl, Laux, out=parts[1])
+        torch.mul(wl, xt, out=parts[2])
+        sum_l, sum_l2, sum_xl = seq_sum(buf, dim=0 if on_cpu else 1).unbind(0)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = cdiv(sum_w * sum_xl - sum_x * sum_l, D)
         this_min = cdiv(sum_l2 * sum_x - sum_l * sum_xl, D)
         pos = this_min > 0
         this_min.masked_fill_(pos, 0.0)
         this_scale = torch.where(pos, cdiv(sum_xl, sum_l2), this_scale)
-        d = torch.mul(Laux, this_scale, out=buf[:, 0])
+        d = torch.mul(Laux, this_scale, out=parts[0])
         d.add_(this_min).sub_(xt)
         d = d.abs_() if use_mad else d.mul_(d)
         cur = seq_sum(d.mul_(wt), dim=0)
         take = (D > 0) & (cur < best)  # NaN errors never compare smaller, as in C
+        if active is not None:
+            take &= active
         best = torch.where(take, cur, best)
         scale = torch.where(take, this_scale, scale)
         lev_iscale = torch.where(take, iscale, lev_iscale)
@@ -131,13 +176,8 @@ def make_qkx_quants(
     # accumulated as the C loop does, seeded with the first element.
     lo = x.amin(dim=1)
     hi = x.amax(dim=1)
-    rows_w = wt.unbind(0)
-    rows_wx = (wt * xt).unbind(0)
-    sum_w = rows_w[0].clone()
-    sum_x = rows_wx[0].clone()
-    for i in range(1, n):
-        sum_w.add_(rows_w[i])
-        sum_x.add_(rows_wx[i])
+    sum_w = seq_sum(wt, dim=0, from_first=True)
+    sum_x = seq_sum(wt * xt, dim=0, from_first=True)
     mn = torch.where(lo > 0, torch.zeros_like(lo), lo)
     degenerate = hi == mn  # C returns early (max == min): scale 0, levels 0, min untouched
     rng = torch.where(degenerate, torch.ones_like(hi), hi - mn)  # keeps them off the slow path
@@ -152,11 +192,15 @@ def make_qkx_quants(
     best = seq_sum(d0.mul_(wt), dim=0)
 
     if nstep >= 1:
-        # rmin + rdelta*is + nmax in float32, left to right as C does
-        cand = [(_f32(rmin, x) + _f32(rdelta, x) * _f32(float(i), x)) + _f32(float(nmax), x)
-                for i in range(nstep + 1)]
-        # Search only non-degenerate groups.
-        idx = (~degenerate).nonzero().squeeze(1) if bool(degenerate.any()) else None
+        cand = const(_qkx_candidates(rmin, rdelta, nstep, nmax), x)
+        if sync_free(x):
+            # Search every group (a compaction would need a host sync); degenerate ones may
+            # never take a candidate.
+            idx, active = None, ~degenerate
+        else:
+            # Search only non-degenerate groups.
+            idx = (~degenerate).nonzero().squeeze(1) if bool(degenerate.any()) else None
+            active = None
         sx, sw_, sh, ssw, ssx, sb, sm = (
             (t if idx is None else t.index_select(-1, idx)) for t in (xt, wt, hi, sum_w, sum_x, best, mn)
         )
@@ -164,7 +208,8 @@ def make_qkx_quants(
         gc = max(1, budget // n)
         parts = [
             _qkx_search_chunk(sx[:, s:s + gc], sw_[:, s:s + gc], sh[s:s + gc], ssw[s:s + gc], ssx[s:s + gc],
-                              sb[s:s + gc], sm[s:s + gc], cand, nmax, use_mad)
+                              sb[s:s + gc], sm[s:s + gc], cand, nmax, use_mad,
+                              None if active is None else active[s:s + gc])
             for s in range(0, sx.shape[1], gc)
         ]
         if parts:
@@ -225,11 +270,13 @@ def make_qp_quants(x: torch.Tensor, quant_weights: torch.Tensor, nmax: int) -> t
     w = quant_weights.to(torch.float32)
     G, n = x.shape
     fmax = float(nmax)
+    xt = x.t().contiguous()  # per-position rows, contiguous for the loops below
 
     mx = torch.zeros(G, dtype=torch.float32, device=x.device)
     for i in range(n):
-        mx = torch.where(mx > x[:, i], mx, x[:, i])
+        mx = torch.where(mx > xt[i], mx, xt[i])
     allzero = mx < _f32(GROUP_MAX_EPS, x)
+    cands = const(_qp_candidates(nmax), x)
 
     iscale = cdiv(fmax, mx).unsqueeze(1)  # [G, 1]
     L = nearest_int(iscale * x) & 0xFF
@@ -237,8 +284,7 @@ def make_qp_quants(x: torch.Tensor, quant_weights: torch.Tensor, nmax: int) -> t
     diff = x - scale * L.to(torch.float32)
     best = seq_sum(((w * diff) * diff).t(), dim=0)
 
-    for is_ in (-4, -3, -2, -1, 1, 2, 3, 4):
-        num = _f32(0.1, x) * _f32(float(is_), x) + _f32(fmax, x)
+    for num in cands:
         iscale_is = cdiv(num, mx).unsqueeze(1)
         scale_is = cdiv(1.0, iscale_is)
         l = nearest_int(iscale_is * x).clamp_(max=nmax).to(torch.float32)
@@ -256,32 +302,35 @@ def make_qp_quants(x: torch.Tensor, quant_weights: torch.Tensor, nmax: int) -> t
     suml2 = seq_sum(((w * lf) * lf).t(), dim=0)
 
     active = ~allzero
+    wt, wxt, Lt = w.t().contiguous(), wx.t().contiguous(), L.t().contiguous()
     for _ in range(5):
         changed = torch.zeros_like(active)
         for i in range(n):
-            wi = w[:, i]
-            wxi = wx[:, i]
-            Li = L[:, i]
+            wi = wt[i]
+            wxi = wxt[i]
+            Li = Lt[i]
             Lf = Li.to(torch.float32)
             slx = sumlx - wxi * Lf
             sl2 = suml2 - (wi * Lf) * Lf
             ok = active & (slx > 0) & (sl2 > 0)
-            new_l = nearest_int(cdiv(x[:, i] * sl2, slx)).clamp_(max=nmax)
+            new_l = nearest_int(cdiv(xt[i] * sl2, slx)).clamp_(max=nmax)
             ok &= new_l != Li
             nf = new_l.to(torch.float32)
             slx = slx + wxi * nf
             sl2 = sl2 + (wi * nf) * nf
             acc = ok & ((slx * slx) * suml2 > (sumlx * sumlx) * sl2)
-            L[:, i] = torch.where(acc, new_l & 0xFF, Li)
+            Lt[i] = torch.where(acc, new_l & 0xFF, Li)
             sumlx = torch.where(acc, slx, sumlx)
             suml2 = torch.where(acc, sl2, suml2)
             changed |= acc
         active &= changed
-        if not bool(active.any()):
+        # A sweep that changes nothing would repeat itself: C stops there. Off the CPU all five
+        # run (the extra ones are no-ops) rather than read ``active`` on the host.
+        if not sync_free(x) and not bool(active.any()):
             break
 
     zero = torch.zeros_like(sumlx)
     out = torch.where(suml2 > 0, cdiv(sumlx, suml2), zero)
     out = torch.where(allzero, zero, out)
-    L = torch.where(allzero.unsqueeze(1), torch.zeros_like(L), L)
+    L = torch.where(allzero.unsqueeze(0), torch.zeros_like(Lt), Lt).t().contiguous()
     return out, L

@@ -9,10 +9,22 @@ memory.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 
-from quantbench.quant.ggml.common import GROUP_MAX_EPS, cdiv, first_absmax, nearest_int, seq_sum, sqrtf
+from quantbench.quant.ggml.common import (
+    GROUP_MAX_EPS,
+    cdiv,
+    clamped_levels_,
+    const,
+    first_absmax,
+    nearest_int,
+    seq_sum,
+    sqrtf,
+    sync_free,
+)
 
 
 def _f32(v: float) -> float:
@@ -33,9 +45,10 @@ _CHUNK_GROUPS = 8192  # groups per pass on CPU: keeps the [n, 19, groups] candid
 _CHUNK_GROUPS_ACCEL = 1 << 19  # on accelerators launch count dominates: few, large passes
 
 
-def _cand_constants(nmax: int) -> list[float]:
+@lru_cache(maxsize=None)
+def _cand_constants(nmax: int) -> tuple[float, ...]:
     """``nmax + 0.1f*is`` for is = -9..9 (skipping 0), in float32 as the C computes it."""
-    return [_f32(np.float32(nmax) + np.float32(0.1) * np.float32(k)) for k in range(-9, 10) if k != 0]
+    return tuple(_f32(np.float32(nmax) + np.float32(0.1) * np.float32(k)) for k in range(-9, 10) if k != 0)
 
 
 def make_qx_quants(
@@ -128,7 +141,7 @@ def _make_qx_quants_chunk(
     # evaluated at once ([n, 19, G]), then chosen in C order (a later one wins only if strictly
     # better than the best so far).
     assert bufs is not None
-    c = torch.tensor([float(nmax)] + _cand_constants(nmax), dtype=torch.float32, device=x.device)
+    c = const((float(nmax),) + _cand_constants(nmax), x)
     isc = (-c).unsqueeze(1) / mx.unsqueeze(0)  # [19, G], true division
     l, t = bufs.views(G)
     torch.mul(isc.unsqueeze(0), xt.unsqueeze(1), out=l)
@@ -177,6 +190,10 @@ def make_q3_quants(x: torch.Tensor, nmax: int, do_rmse: bool) -> tuple[torch.Ten
         wx = w * xt
         sumlx = seq_sum(wx * l, dim=0)
         suml2 = seq_sum(w * l * l, dim=0)
+        if sync_free(x):
+            _q3_sweeps_masked(xt, w, wx, l, sumlx, suml2, nmax)
+            scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
+            return _q3_finish(scale, l, zero, nmax)
         # Sweeps only revisit groups that changed in the previous one: a sweep without changes
         # would repeat identically, which is exactly C's per-group early exit.
         idx = torch.arange(G, device=x.device)
@@ -212,7 +229,60 @@ def make_q3_quants(x: torch.Tensor, nmax: int, do_rmse: bool) -> tuple[torch.Ten
         scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     else:
         scale = cdiv(1.0, iscale)
+    return _q3_finish(scale, l, zero, nmax)
 
+
+def _q3_finish(
+    scale: torch.Tensor, l: torch.Tensor, zero: torch.Tensor, nmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     L = torch.where(zero.unsqueeze(0), torch.zeros_like(l), l + nmax)
     return scale, L.to(torch.int32).t().contiguous()
+
+
+def _q3_sweeps_masked(
+    xt: torch.Tensor,
+    w: torch.Tensor,
+    wx: torch.Tensor,
+    l: torch.Tensor,
+    sumlx: torch.Tensor,
+    suml2: torch.Tensor,
+    nmax: int,
+) -> None:
+    """In place on ``l``/``sumlx``/``suml2``: the five refinement sweeps without host syncs.
+
+    A group leaves after a sweep without changes (C's early exit); here it stays but is masked
+    from accepting anything, which leaves it exactly as C does.
+    """
+    active = torch.ones(xt.shape[1], dtype=torch.bool, device=xt.device)
+    for _ in range(5):
+        active &= _q3_sweep(xt, w, wx, l, sumlx, suml2, nmax, active)
+
+
+def _q3_sweep(
+    xt: torch.Tensor,
+    w: torch.Tensor,
+    wx: torch.Tensor,
+    l: torch.Tensor,
+    sumlx: torch.Tensor,
+    suml2: torch.Tensor,
+    nmax: int,
+    active: torch.Tensor,
+) -> torch.Tensor:
+    """One sweep over the positions of every group, only ``active`` groups accepting changes;
+    returns which groups changed."""
+    changed = torch.zeros_like(active)
+    for i in range(xt.shape[0]):
+        Li = l[i]
+        slx = sumlx - wx[i] * Li
+        sl2 = suml2 - w[i] * Li * Li
+        new_l = clamped_levels_(xt[i] * sl2 / slx, -nmax, nmax - 1)
+        slx2 = slx + wx[i] * new_l
+        sl22 = sl2 + w[i] * new_l * new_l
+        accept = (slx > 0) & (new_l != Li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+        accept &= active
+        torch.where(accept, new_l, Li, out=Li)
+        torch.where(accept, slx2, sumlx, out=sumlx)
+        torch.where(accept, sl22, suml2, out=suml2)
+        changed |= accept
+    return changed
