@@ -247,3 +247,29 @@ def block_weights(qw: torch.Tensor | None, rows: int, block_size: int) -> torch.
     if qw is None:
         return None
     return qw.reshape(1, -1, block_size).expand(rows, -1, -1).reshape(-1, block_size)
+
+
+def quantize_block_chunks(
+    x: torch.Tensor,
+    qw: torch.Tensor | None,
+    block: int,
+    fn,
+    cpu_chunk: int,
+    accel_chunk: int,
+) -> torch.Tensor:
+    """Run ``fn(blocks [b, block], weights [b, block] | None) -> uint8 [b, type_size]`` over chunks.
+
+    Chunks bound the search temporaries: cache-sized on CPU, large on accelerators where launch
+    count dominates. Block k of the flattened tensor takes importance block ``k % blocks_per_row``.
+    """
+    rows, n = x.shape
+    xb = x.reshape(-1, block)
+    nb_row = n // block
+    qwb = None if qw is None else qw.to(torch.float32).reshape(nb_row, block)
+    step = cpu_chunk if xb.device.type == "cpu" else accel_chunk
+    out = []
+    for s in range(0, xb.shape[0], step):
+        chunk = xb[s : s + step]
+        w = None if qwb is None else qwb[torch.arange(s, s + chunk.shape[0], device=x.device) % nb_row]
+        out.append(fn(chunk, w))
+    return torch.cat(out).reshape(rows, -1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from quantbench.quant.ggml.common import (
+    quantize_block_chunks,
     cdiv,
     first_absmax,
     fp16_bytes,
@@ -98,21 +99,10 @@ def _quantize_impl(xb: torch.Tensor, qwb: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
-    rows, n = x.shape
-    xb = x.reshape(-1, QK_K)
-    nb_row = n // QK_K
-    qwb = None if qw is None else qw.to(torch.float32).reshape(nb_row, QK_K)
-    out = []
-    step = _CHUNK if xb.device.type == "cpu" else _CHUNK_ACCEL
-    for s in range(0, xb.shape[0], step):
-        chunk = xb[s : s + step]
-        if qwb is None:
-            out.append(_quantize_ref(chunk))
-        else:
-            # chunk starts on block s; block k of the tensor uses qw block k % nb_row
-            idx = torch.arange(s, s + chunk.shape[0], device=x.device) % nb_row
-            out.append(_quantize_impl(chunk, qwb[idx]))
-    return torch.cat(out).reshape(rows, -1)
+    def blocks(chunk: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        return _quantize_ref(chunk) if w is None else _quantize_impl(chunk, w)
+
+    return quantize_block_chunks(x, qw, QK_K, blocks, _CHUNK, _CHUNK_ACCEL)
 
 
 def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from quantbench.quant.ggml.common import (
+    quantize_block_chunks,
     cdiv,
     first_absmax,
     fp16_bytes,
@@ -60,19 +61,7 @@ def _quantize_blocks(xb: torch.Tensor, qwb: torch.Tensor | None) -> torch.Tensor
 
 
 def quantize_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
-    rows, n = x.shape
-    xb = x.reshape(-1, QK_K)
-    nb_row = n // QK_K
-    qwb = None if qw is None else qw.to(torch.float32).reshape(nb_row, QK_K)
-    out = []
-    step = _CHUNK if xb.device.type == "cpu" else _CHUNK_ACCEL
-    for s in range(0, xb.shape[0], step):
-        chunk = xb[s : s + step]
-        w = None
-        if qwb is not None:
-            w = qwb[torch.arange(s, s + chunk.shape[0], device=x.device) % nb_row]
-        out.append(_quantize_blocks(chunk, w))
-    return torch.cat(out).reshape(rows, -1)
+    return quantize_block_chunks(x, qw, QK_K, _quantize_blocks, _CHUNK, _CHUNK_ACCEL)
 
 
 def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
