@@ -24,6 +24,8 @@ from quantbench.quant.ggml.common import (
     sqrtf,
     u32_le_to_bits,
 )
+from quantbench.quant.ggml.search_affine import make_qkx3_quants
+from quantbench.quant.ggml.search_symmetric import make_qx_quants
 from quantbench.quant.registry import GGMLType, register
 
 QK = 32
@@ -59,18 +61,20 @@ def _lo_hi_nibbles(levels: torch.Tensor) -> torch.Tensor:
 # ---- quantizers -------------------------------------------------------------------------------
 
 
-def _q4_0_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
-    rows = x.shape[0]
+def _symmetric(x: torch.Tensor, qw: torch.Tensor | None, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 (nmax 8) / Q5_0 (nmax 16): scale and levels 0..2*nmax-1, by the ref rule or the imatrix search."""
     xb = _blocks(x)
     if qw is None:
-        d = cdiv(first_absmax(xb, 1), -8.0)
-        levels = torch.clamp(c_int_cast(xb * _inverse(d).unsqueeze(1) + 8.5), max=15)
-    else:
-        from quantbench.quant.ggml.search_symmetric import make_qx_quants
+        d = cdiv(first_absmax(xb, 1), -float(nmax))
+        levels = torch.clamp(c_int_cast(xb * _inverse(d).unsqueeze(1) + (nmax + 0.5)), max=2 * nmax - 1)
+        return d, levels
+    return make_qx_quants(xb, nmax, rmse_type=1, qw=_row_weights(x, qw))
 
-        d, levels = make_qx_quants(xb, 8, rmse_type=1, qw=_row_weights(x, qw))
+
+def _q4_0_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    d, levels = _symmetric(x, qw, 8)
     out = torch.cat([fp16_bytes(d.unsqueeze(1)), _lo_hi_nibbles(levels)], dim=1)
-    return out.reshape(rows, -1)
+    return out.reshape(x.shape[0], -1)
 
 
 def _affine_ref(xb: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -82,8 +86,6 @@ def _affine_ref(xb: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _affine_imatrix(x: torch.Tensor, qw: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from quantbench.quant.ggml.search_affine import make_qkx3_quants
-
     d, the_min, levels = make_qkx3_quants(
         _blocks(x), _row_weights(x, qw), nmax, rmin=-0.9, rdelta=0.05, nstep=36, use_mad=False
     )
@@ -102,17 +104,9 @@ def _q4_1_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
 
 
 def _q5_0_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
-    rows = x.shape[0]
-    xb = _blocks(x)
-    if qw is None:
-        d = cdiv(first_absmax(xb, 1), -16.0)
-        levels = torch.clamp(c_int_cast(xb * _inverse(d).unsqueeze(1) + 16.5), max=31)
-    else:
-        from quantbench.quant.ggml.search_symmetric import make_qx_quants
-
-        d, levels = make_qx_quants(xb, 16, rmse_type=1, qw=_row_weights(x, qw))
+    d, levels = _symmetric(x, qw, 16)
     out = torch.cat([fp16_bytes(d.unsqueeze(1)), _qh_bytes(levels), _lo_hi_nibbles(levels)], dim=1)
-    return out.reshape(rows, -1)
+    return out.reshape(x.shape[0], -1)
 
 
 def _q5_1_rows(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
