@@ -1,0 +1,100 @@
+"""GGUF tensor names ↔ the engine's (HF) names, and llama.cpp's Q/K row permutation undone.
+
+llama.cpp's converter renames HF tensors (``model.layers.3.self_attn.q_proj.weight`` →
+``blk.3.attn_q.weight``), stacks MoE experts into ``ffn_{gate,up,down}_exps``, and for the
+Llama family permutes Q/K rows so its rope can rotate adjacent pairs. The engine uses HF's
+layout, so loading a GGUF maps names back and inverts that permutation — on packed rows too,
+which is exact because every GGML block runs along a row.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from quantbench.quant import QTensor
+
+TOP = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+# (GGUF block suffix, HF suffix) — the defaults for Llama-like blocks; gemma's sandwich norms differ.
+BLOCK = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "{moe}.gate",
+    "ffn_gate_exps": "{moe}.experts.gate_proj",
+    "ffn_up_exps": "{moe}.experts.up_proj",
+    "ffn_down_exps": "{moe}.experts.down_proj",
+}
+SANDWICH = {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+
+_BLK = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def block_table(sandwich: bool, fused_gate_up: bool, moe_block: str) -> dict[str, str]:
+    t = {k: v.replace("{moe}", moe_block) for k, v in BLOCK.items()}
+    if sandwich:
+        t.update(SANDWICH)
+    if fused_gate_up:
+        t["ffn_up"] = "mlp.gate_up_proj"
+    return t
+
+
+def gguf_to_hf(name: str, table: dict[str, str]) -> str | None:
+    if name in TOP:
+        return TOP[name]
+    m = _BLK.match(name)
+    if not m or m.group(2) not in table:
+        return None
+    return f"model.layers.{m.group(1)}.{table[m.group(2)]}.{m.group(3)}"
+
+
+def hf_to_gguf(name: str, table: dict[str, str]) -> str | None:
+    for g, h in TOP.items():
+        if h == name:
+            return g
+    m = re.match(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$", name)
+    if not m:
+        return None
+    for g, h in table.items():
+        if h == m.group(2):
+            return f"blk.{m.group(1)}.{g}.{m.group(3)}"
+    return None
+
+
+def unpermute_rows(w: torch.Tensor | QTensor, n_head: int) -> torch.Tensor | QTensor:
+    """Inverse of llama.cpp's ``permute``: per head, rows (i, half) interleaved back to halves."""
+    rows = w.shape[0]
+    d = rows // n_head // 2
+    # GGUF row j holds HF row perm[j]; HF row k is therefore GGUF row inv[k]
+    perm = torch.arange(rows).reshape(n_head, 2, d).transpose(1, 2).reshape(-1)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(rows)
+    if isinstance(w, QTensor):
+        data = w.data.index_select(0, inv.to(w.data.device))
+        return QTensor(w.qtype, w.shape, {"data": data}, dict(w.params))
+    return w.index_select(0, inv.to(w.device))
+
+
+def permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's ``permute`` (HF → GGUF row order for Llama-family Q/K)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
