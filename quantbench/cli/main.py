@@ -83,3 +83,156 @@ def inspect(path: str, all_metadata: bool) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+_MODEL_HELP = "Model: a .gguf file, a HF model directory, a hub id, or a packaged alias (smollm2)."
+
+
+def _engine_options(f):
+    f = click.option("--threads", type=int, default=None, help="CPU threads for torch.")(f)
+    f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)(f)
+    f = click.option("--dtype", type=click.Choice(["auto", "f32", "bf16", "f16"]), default="auto", show_default=True,
+                     help="Compute dtype (auto: f32 on CPU, bf16 on CUDA).")(f)
+    return click.option("-m", "--model", required=True, help=_MODEL_HELP)(f)
+
+
+def _load(model: str, dtype: str, device: str, threads: int | None):
+    from quantbench.engine import load_model
+
+    _set_threads(threads)
+    return load_model(model, dtype=dtype, device=device)
+
+
+@main.command(name="eval")
+@_engine_options
+@click.option("--text", "text_file", required=True, type=click.Path(), help="Text file to score (e.g. wiki.test.raw).")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Window length (llama-perplexity -c).")
+@click.option("--chunks", type=int, default=None, help="Score only the first N windows.")
+@click.option("--save-logits", type=click.Path(dir_okay=False), default=None, help="Write base log-probs for later KLD.")
+@click.option("--kl-base", type=click.Path(dir_okay=False), default=None, help="Compare with base log-probs (KLD, same top token).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the numbers as JSON.")
+@click.option("--no-progress", is_flag=True)
+def eval_cmd(model, dtype, device, threads, text_file, ctx, chunks, save_logits, kl_base, json_out, no_progress):
+    """Perplexity as llama-perplexity computes it; KL divergence against saved base logits."""
+    import json
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from quantbench.cli.tables import print_eval
+    from quantbench.engine.perplexity import evaluate
+    from quantbench.errors import InputValueError
+
+    p = Path(text_file)
+    if not p.is_file():
+        raise InputValueError(f"{text_file}: no such text file")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    lm = _load(model, dtype, device, threads)
+    bar: list[tqdm] = []
+
+    def progress(done: int, total: int, tps: float) -> None:
+        if not bar:
+            bar.append(tqdm(total=total, unit="chunk", desc="eval", disable=no_progress, file=sys.stderr))
+        bar[0].update(1)
+        bar[0].set_postfix_str(f"{tps:.0f} tok/s")
+
+    res = evaluate(lm, text, ctx=ctx, chunks=chunks, save_logits=save_logits, kl_base=kl_base, progress=progress)
+    if bar:
+        bar[0].close()
+    print_eval(res, f"{model} on {p.name}")
+    if json_out:
+        from quantbench.formats.atomic import atomic_output
+
+        with atomic_output(Path(json_out)) as tmp:
+            tmp.write_text(json.dumps(res.as_dict(), indent=2))
+
+
+@main.command()
+@_engine_options
+@click.option("-p", "--prompt", default=None, help="Prompt (chat template applied when the model has one).")
+@click.option("-i", "--interactive", is_flag=True, help="Chat in the terminal.")
+@click.option("--max-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--raw", is_flag=True, help="Do not apply the chat template.")
+@click.option("--ctx", type=int, default=None, help="Context length (default: the model's).")
+def run(model, dtype, device, threads, prompt, interactive, max_tokens, temperature, top_p, top_k, seed, raw, ctx):
+    """Generate text from a prompt, or chat with -i; stops on EOS."""
+    from quantbench.engine.generate import generate
+    from quantbench.engine.sampling import Sampler
+    from quantbench.errors import InputValueError
+
+    if prompt is None and not interactive:
+        raise InputValueError("give a prompt with -p, or -i for an interactive chat")
+    sampler = Sampler(temperature, top_k, top_p, seed)
+    lm = _load(model, dtype, device, threads)
+    tok = lm.tokenizer
+    stop = set(tok.eos_ids)
+    messages: list[dict] = []
+
+    def turn(user: str) -> str:
+        if raw or not tok.chat_template:
+            ids = tok.encode(user, add_special=True)
+        else:
+            messages.append({"role": "user", "content": user})
+            ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special=False)
+        printed = [""]
+        out_ids: list[int] = []
+
+        def on_token(t: int) -> None:
+            if t in stop:
+                return
+            out_ids.append(t)
+            text = tok.decode(out_ids)
+            click.echo(text[len(printed[0]):], nl=False)
+            printed[0] = text
+
+        gen = generate(lm, ids, max_tokens, sampler, stop, ctx, on_token)
+        click.echo()
+        tps = len(gen.tokens) / gen.decode_s if gen.decode_s > 0 else float("nan")
+        click.echo(f"[{gen.prompt_len} prompt tokens, {len(gen.tokens)} generated, "
+                   f"prefill {gen.prompt_len / gen.prefill_s:.1f} tok/s, decode {tps:.1f} tok/s]", err=True)
+        reply = printed[0]
+        if messages:
+            messages.append({"role": "assistant", "content": reply})
+        return reply
+
+    if prompt is not None:
+        turn(prompt)
+    if interactive:
+        while True:
+            try:
+                user = click.prompt(">", prompt_suffix=" ")
+            except (EOFError, click.Abort):
+                click.echo()
+                break
+            if user.strip() in ("/exit", "/quit"):
+                break
+            turn(user)
+
+
+@main.command(name="bench")
+@_engine_options
+@click.option("--prompt-len", type=int, default=512, show_default=True)
+@click.option("--gen-len", type=int, default=128, show_default=True)
+@click.option("--iterations", type=int, default=3, show_default=True)
+@click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
+def bench_cmd(model, dtype, device, threads, prompt_len, gen_len, iterations, warmup, json_out):
+    """Prefill (TTFT) and decode (TPOT) throughput, mean ± std over iterations."""
+    import json
+    from pathlib import Path
+
+    from quantbench.cli.tables import print_bench
+    from quantbench.engine.bench import bench
+
+    lm = _load(model, dtype, device, threads)
+    res = bench(lm, prompt_len, gen_len, iterations, warmup)
+    print_bench(res, f"{model} ({lm.model.dtype}, {lm.model.model.norm.weight.device})")
+    if json_out:
+        from quantbench.formats.atomic import atomic_output
+
+        with atomic_output(Path(json_out)) as tmp:
+            tmp.write_text(json.dumps(res.as_dict(), indent=2))

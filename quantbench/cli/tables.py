@@ -76,3 +76,31 @@ def print_quantize_report(src: Path, report, console: Console | None = None) -> 
     if requant:
         src = ", ".join(f"{n} from {ty}" for ty, n in requant.most_common())
         console.print(f"note: requantized {src}: the source was already quantized, so its rounding error is kept")
+
+
+def print_eval(res, label: str, console: Console | None = None) -> None:
+    console = console or Console()
+    t = Table(title=f"eval: {label}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_row("chunks × ctx", f"{res.n_chunks} × {res.ctx} ({res.n_scored} scored tokens)")
+    t.add_row("PPL", f"{res.ppl:.4f} ± {res.ppl_err:.4f}")
+    if res.kld_mean is not None:
+        t.add_row("mean KLD", f"{res.kld_mean:.6f} ± {res.kld_err:.6f}")
+        t.add_row("median KLD", f"{res.kld_median:.6f}")
+        t.add_row("99th pct KLD", f"{res.kld_p99:.6f}")
+        t.add_row("same top token", f"{100 * res.same_top:.2f} ± {100 * res.same_top_err:.2f} %")
+    t.add_row("time", f"{res.seconds:.1f} s")
+    console.print(t)
+
+
+def print_bench(res, label: str, console: Console | None = None) -> None:
+    console = console or Console()
+    t = Table(title=f"bench: {label} ({res.iterations} iterations)")
+    for c in ("test", "tokens/s", "ms/token", "TTFT ms"):
+        t.add_column(c, justify="right" if c != "test" else "left")
+    t.add_row(f"prompt {res.prompt_len}", f"{res.prefill_tok_s.mean:.2f} ± {res.prefill_tok_s.std:.2f}",
+              f"{1e3 / res.prefill_tok_s.mean:.2f}", f"{res.ttft_ms.mean:.1f} ± {res.ttft_ms.std:.1f}")
+    t.add_row(f"decode {res.gen_len}", f"{res.decode_tok_s.mean:.2f} ± {res.decode_tok_s.std:.2f}",
+              f"{res.tpot_ms.mean:.2f} ± {res.tpot_ms.std:.2f}", "")
+    console.print(t)
