@@ -66,8 +66,10 @@ def llama_imatrix(model: Path, text: Path, *, chunks: int, ctx: int, fmt: str = 
     return out
 
 
-def llama_perplexity(model: Path, text: Path, *, chunks: int, ctx: int) -> float:
-    res = run([need("llama-perplexity"), "-m", model, "-f", text, "--chunks", chunks, "-c", ctx, "-t", "2", "-nr"])
+def llama_perplexity(model: Path, text: Path, *, chunks: int, ctx: int, f32_kv: bool = False) -> float:
+    """Final PPL of llama-perplexity; ``f32_kv`` keeps its KV cache in f32 (default f16), as the engine does."""
+    kv = ["-ctk", "f32", "-ctv", "f32", "-fa", "off"] if f32_kv else []
+    res = run([need("llama-perplexity"), "-m", model, "-f", text, "--chunks", chunks, "-c", ctx, "-t", "2", "-nr", *kv])
     for line in (res.stdout + res.stderr).splitlines():
         if "Final estimate: PPL" in line:
             return float(line.split("PPL =")[1].split()[0])

@@ -13,9 +13,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantbench.quant import QTensor, dequantize
+from quantbench.quant import QTensor, dequantize, quantize
 
 Weight = torch.Tensor | QTensor
+
+# The activation type llama.cpp's CPU backend quantizes inputs to before a dot product with each
+# weight type (ggml-cpu's ``vec_dot_type``). Emulating it (``act_quant="ggml"``) reproduces
+# llama.cpp's numbers; the default keeps activations in float, which is the more exact model.
+GGML_VEC_DOT_TYPE = {
+    "Q4_0": "Q8_0", "Q4_1": "Q8_1", "Q5_0": "Q8_0", "Q5_1": "Q8_1", "Q8_0": "Q8_0",
+    "Q2_K": "Q8_K", "Q3_K": "Q8_K", "Q4_K": "Q8_K", "Q5_K": "Q8_K", "Q6_K": "Q8_K",
+    "IQ4_NL": "Q8_0", "IQ4_XS": "Q8_K", "MXFP4": "Q8_0",
+}
+
+
+def ggml_activation_round_trip(x: torch.Tensor, weight_type: str) -> torch.Tensor:
+    """``x`` quantized to the activation type llama.cpp pairs with ``weight_type``, and back."""
+    t = GGML_VEC_DOT_TYPE.get(weight_type)
+    if t is None:
+        return x
+    shape = x.shape
+    q = quantize(x.reshape(-1, shape[-1]).float(), t)
+    return dequantize(q).reshape(shape).to(x.dtype)
 
 
 def materialize(w: Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -36,6 +55,7 @@ class QLinear(nn.Module):
         self.weight: Weight | None = None
         self.bias: torch.Tensor | None = None
         self.cache_dequantized: bool | None = None  # None: decide by device
+        self.act_quant: str = "none"  # "ggml": emulate llama.cpp's activation quantization
         self._cached: torch.Tensor | None = None
 
     def set_weight(self, w: Weight) -> None:
@@ -56,6 +76,8 @@ class QLinear(nn.Module):
         return materialize(w, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quant == "ggml" and isinstance(self.weight, QTensor):
+            x = ggml_activation_round_trip(x, self.weight.qtype)
         return F.linear(x, self.dense_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:

@@ -64,16 +64,26 @@ def resolve_device(device: str) -> str:
 
 
 def load_model(spec: str | os.PathLike[str], dtype: str | torch.dtype = "f32", device: str = "cpu",
-               with_tokenizer: bool = True) -> LoadedModel:
-    """Build the model that ``spec`` names: a ``.gguf`` file, a HF model dir, a hub id or an alias."""
+               with_tokenizer: bool = True, act_quant: str = "none") -> LoadedModel:
+    """Build the model that ``spec`` names: a ``.gguf`` file, a HF model dir, a hub id or an alias.
+
+    ``act_quant="ggml"`` quantizes each packed layer's input the way llama.cpp's CPU backend
+    does (Q8_0/Q8_1/Q8_K), to reproduce its numbers; ``"none"`` keeps activations in float.
+    """
     from quantbench.sources import resolve_model
 
+    if act_quant not in ("none", "ggml"):
+        raise InputValueError(f"act_quant must be 'none' or 'ggml', got {act_quant!r}")
     device = resolve_device(device)
     dt = resolve_dtype(dtype, device)
     path = _locate(str(spec), resolve_model)
     if path.is_dir():
-        return _load_hf_dir(path, dt, device, with_tokenizer)
-    return _load_gguf(path, dt, device, with_tokenizer)
+        lm = _load_hf_dir(path, dt, device, with_tokenizer)
+    else:
+        lm = _load_gguf(path, dt, device, with_tokenizer)
+    for layer in lm.model.linear_layers():
+        layer.act_quant = act_quant
+    return lm
 
 
 def _locate(spec: str, resolve_model) -> Path:

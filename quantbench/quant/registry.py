@@ -81,18 +81,38 @@ def all_types() -> list[GGMLType]:
     return list(_TYPES.values())
 
 
+def is_ggml_type(name: str) -> bool:
+    """Whether ``name`` is a GGML type (the rest belong to :mod:`quantbench.quant.schemes`)."""
+    _ensure_loaded()
+    return name.upper() in _TYPES
+
+
 def quantize(
     weight: torch.Tensor,
     qtype: str,
     imatrix: torch.Tensor | None = None,
     *,
     name: str = "tensor",
+    **params,
 ) -> QTensor:
     """Quantize ``weight`` (any float dtype, any device) to ``qtype``, rows along the last dim.
 
     ``imatrix`` holds one importance value per column (``weight.shape[-1]``), as llama.cpp's
     ``quant_weights``; types whose quantizer ignores it in llama.cpp ignore it here too.
+    Names that are not GGML types go to the data-free schemes (:mod:`quantbench.quant.schemes`),
+    which take no importance matrix and accept their scheme's tunable ``params``.
     """
+    if not is_ggml_type(qtype):
+        from quantbench.quant import schemes
+
+        if schemes.is_scheme(qtype):
+            if imatrix is not None:
+                raise ImatrixError(f"{name}: {qtype.upper()} is data-free and does not use an importance matrix")
+            return schemes.quantize(weight, qtype, name=name, **params)
+        known = sorted(_TYPES) + sorted(sc.name for sc in schemes.all_schemes())
+        raise UnknownTypeError(f"{name}: unknown quantization type {qtype!r}; known: {', '.join(known)}")
+    if params:
+        raise UnknownTypeError(f"{name}: GGML type {qtype} takes no options ({', '.join(sorted(params))})")
     t = get_type(qtype)
     if weight.ndim == 0:
         raise ShapeError(f"{name}: cannot quantize a scalar")
@@ -128,6 +148,11 @@ def quantize_rows(t: GGMLType, x: torch.Tensor, qw: torch.Tensor | None) -> torc
 
 def dequantize(q: QTensor) -> torch.Tensor:
     """Float32 tensor of ``q``'s logical shape, on ``q``'s device."""
+    if not is_ggml_type(q.qtype):
+        from quantbench.quant import schemes
+
+        if schemes.is_scheme(q.qtype):
+            return schemes.dequantize(q)
     t = get_type(q.qtype)
     blocks = q.data.reshape(-1, t.type_size)
     return t.dequantize_blocks(blocks).reshape(q.shape)

@@ -1,0 +1,78 @@
+"""The engine on the real SmolLM2-135M against llama.cpp itself: logits, KLD, PPL, greedy text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from quantbench.engine import load_model
+from quantbench.engine.generate import generate
+from quantbench.engine.perplexity import evaluate
+from tests import llama_tools
+from tests.oracles import llama_cpp_py
+from tests.plan.make_f32_gguf import make_f32_gguf, smollm2_gguf
+
+pytestmark = pytest.mark.oracle
+WIKI = llama_tools.SHARED_DATA / "wiki.test.raw"
+
+
+@pytest.fixture(scope="module")
+def f32_path() -> Path:
+    return make_f32_gguf(smollm2_gguf())
+
+
+@pytest.fixture(scope="module")
+def f32_model(f32_path):
+    return load_model(f32_path)
+
+
+@pytest.fixture(scope="module")
+def passage(f32_model) -> list[int]:
+    text = WIKI.read_text(encoding="utf-8")[5000:20000]
+    return f32_model.tokenizer.encode(text)[:256]
+
+
+def _ours(lm, tokens: list[int]) -> np.ndarray:
+    with torch.inference_mode():
+        return lm.model(torch.tensor([tokens])).numpy()[0]
+
+
+def test_f32_logits_match_llama_cpp(f32_path, f32_model, passage):
+    ref = llama_cpp_py.llama_logits(f32_path, passage)
+    ours = _ours(f32_model, passage)
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() < 1e-2
+
+
+def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    lp = torch.log_softmax(torch.from_numpy(p_logits).double(), -1)
+    lq = torch.log_softmax(torch.from_numpy(q_logits).double(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1).numpy()
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q8_0"])
+def test_quantized_next_token_distributions_match_llama_cpp(f32_path, passage, ftype):
+    qpath = llama_tools.llama_quantize(f32_path, ftype)
+    lm = load_model(qpath)
+    ref = llama_cpp_py.llama_logits(qpath, passage)
+    kl = _kl(ref, _ours(lm, passage))
+    assert kl.mean() < 1e-3, kl.mean()
+
+
+def test_perplexity_matches_llama_perplexity(f32_path, f32_model):
+    ours = evaluate(f32_model, WIKI.read_text(encoding="utf-8"), ctx=512, chunks=20)
+    ref = llama_tools.llama_perplexity(f32_path, WIKI, chunks=20, ctx=512, f32_kv=True)
+    assert ours.n_chunks == 20
+    assert abs(ours.ppl - ref) / ref < 0.005, (ours.ppl, ref)
+
+
+def test_greedy_generation_matches_llama_cpp(f32_path, f32_model):
+    tok = f32_model.tokenizer
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Tell me about the history of Paris."}]),
+                        add_special=False)
+    ref = llama_cpp_py.llama_greedy(f32_path, prompt, 32)
+    ours = generate(f32_model, prompt, 32).tokens
+    assert ours == ref
