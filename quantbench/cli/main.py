@@ -34,25 +34,28 @@ def _set_threads(threads: int | None) -> None:
 
 
 @main.command()
-@click.option("-m", "--model", required=True, help="Input GGUF file, or a packaged model alias (smollm2).")
-@click.option("--isq", required=True, help="llama.cpp ftype (Q4_K_M, Q3_K_S, IQ4_XS, ...) or one GGML type (pure).")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .gguf path.")
-@click.option("--imatrix", type=click.Path(), default=None, help="Importance matrix: llama.cpp GGUF imatrix or legacy .dat.")
-@click.option("--pure", is_flag=True, help="No k-quant mixture: every quantizable tensor gets the ftype's base type.")
+@click.option("-m", "--model", required=True, help="Input: GGUF file, HF model dir, hub id, or a packaged alias (smollm2).")
+@click.option("--isq", required=True,
+              help="GGUF output: a llama.cpp ftype (Q4_K_M, IQ4_XS, ...) or one GGML type. "
+                   "UQFF output: mistral.rs ISQ types (Q4K, Q8_0, HQQ4, AFQ4, FP8, ...), comma-separated, or 2-8.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output .gguf or .uqff path (a directory for several UQFF types).")
+@click.option("--imatrix", type=click.Path(), default=None, help="Importance matrix (GGUF output): llama.cpp GGUF imatrix or legacy .dat.")
+@click.option("--pure", is_flag=True, help="GGUF: no k-quant mixture, every quantizable tensor gets the ftype's base type.")
+@click.option("--topology", type=click.Path(), default=None, help="UQFF: mistral.rs topology YAML (per-layer types).")
+@click.option("--isq-organization", type=click.Choice(["default", "moqe"]), default="default", show_default=True,
+              help="UQFF: moqe quantizes routed experts only.")
+@click.option("--shard-size", type=int, default=None, help="UQFF: bytes per .uqff shard (default 10 GiB, as mistral.rs).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def quantize(model: str, isq: str, output: str, imatrix: str | None, pure: bool, device: str,
-             threads: int | None, no_progress: bool) -> None:
-    """Quantize a GGUF model with llama.cpp's rules and byte-exact quantizers."""
+def quantize(model: str, isq: str, output: str, imatrix: str | None, pure: bool, topology: str | None,
+             isq_organization: str, shard_size: int | None, device: str, threads: int | None, no_progress: bool) -> None:
+    """Quantize a model: to GGUF with llama.cpp's rules and bytes, or to UQFF as mistral.rs does."""
     from tqdm import tqdm
 
-    from quantbench.cli.tables import print_quantize_report
-    from quantbench.jobs.quantize_gguf import quantize_gguf
-    from quantbench.sources import resolve_model
+    from quantbench.errors import InputValueError
 
     _set_threads(threads)
-    src = resolve_model(model)
     bars: list[tqdm] = []
 
     def progress(name: str, done: int, total: int) -> None:
@@ -61,12 +64,34 @@ def quantize(model: str, isq: str, output: str, imatrix: str | None, pure: bool,
         bars[0].set_postfix_str(name, refresh=False)
         bars[0].update(1)
 
+    uqff = output.endswith(".uqff") or "," in isq or topology is not None
     try:
-        report = quantize_gguf(src, output, isq, imatrix=imatrix, pure=pure, device=device, progress=progress)
+        if uqff:
+            if imatrix or pure:
+                raise InputValueError("--imatrix and --pure apply to GGUF outputs; UQFF output takes --isq/--topology")
+            from quantbench.cli.tables import print_uqff_report
+            from quantbench.jobs.quantize_uqff import quantize_uqff
+
+            kw = {"shard_size": shard_size} if shard_size else {}
+            report = quantize_uqff(model, output, isq, topology=topology,
+                                   organization=None if isq_organization == "default" else isq_organization,
+                                   device=device, progress=progress, **kw)
+        else:
+            if topology or isq_organization != "default" or shard_size:
+                raise InputValueError("--topology, --isq-organization and --shard-size apply to .uqff outputs")
+            from quantbench.cli.tables import print_quantize_report
+            from quantbench.jobs.quantize_gguf import quantize_gguf
+            from quantbench.sources import resolve_model
+
+            src = resolve_model(model)
+            report = quantize_gguf(src, output, isq, imatrix=imatrix, pure=pure, device=device, progress=progress)
     finally:
         for b in bars:
             b.close()
-    print_quantize_report(src, report)
+    if uqff:
+        print_uqff_report(report)
+    else:
+        print_quantize_report(src, report)
 
 
 @main.command()

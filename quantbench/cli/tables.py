@@ -104,3 +104,19 @@ def print_bench(res, label: str, console: Console | None = None) -> None:
     t.add_row(f"decode {res.gen_len}", f"{res.decode_tok_s.mean:.2f} ± {res.decode_tok_s.std:.2f}",
               f"{res.tpot_ms.mean:.2f} ± {res.tpot_ms.std:.2f}", "")
     console.print(t)
+
+
+def print_uqff_report(report, console: Console | None = None) -> None:
+    """One table per UQFF output: stored types and fallbacks, with the files written."""
+    console = console or Console()
+    for out in report.outputs:
+        t = Table(title=f"UQFF {out.quant}: {out.path}")
+        t.add_column("stored as")
+        t.add_column("layers", justify="right")
+        for k, v in out.actual_counts.items():
+            t.add_row(k, str(v))
+        console.print(t)
+        if out.fallbacks:
+            console.print(f"{len(out.fallbacks)} layers kept in float (shape does not fit {out.quant}; see uqff_report.json)")
+        console.print("shards: " + ", ".join(out.shards))
+    console.print(f"done in {report.seconds:.1f} s; beside the shards: " + ", ".join(report.files))
