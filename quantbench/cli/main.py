@@ -26,6 +26,12 @@ def main() -> None:
     """Quantize LLMs, convert between formats, and measure what the result is worth."""
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _set_threads(threads: int | None) -> None:
     if threads:
         import torch
@@ -45,11 +51,16 @@ def _set_threads(threads: int | None) -> None:
 @click.option("--isq-organization", type=click.Choice(["default", "moqe"]), default="default", show_default=True,
               help="UQFF: moqe quantizes routed experts only.")
 @click.option("--shard-size", type=int, default=None, help="UQFF: bytes per .uqff shard (default 10 GiB, as mistral.rs).")
+@click.option("--format", "layout", type=click.Choice(["bnb", "mlx", "fp8", "compressed-tensors", "mxfp4"]), default=None,
+              help="Write a HF checkpoint directory in this native layout instead (--isq NF4, FP4_DQ, INT8, AFQ4, FP8_BLOCK, ...).")
+@click.option("--skip", multiple=True, help="--format: module names/globs kept in float (repeatable).")
+@click.option("--overwrite", is_flag=True, help="--format: replace an output directory that already holds weights.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def quantize(model: str, isq: str, output: str, imatrix: str | None, pure: bool, topology: str | None,
-             isq_organization: str, shard_size: int | None, device: str, threads: int | None, no_progress: bool) -> None:
+             isq_organization: str, shard_size: int | None, layout: str | None, skip: tuple[str, ...], overwrite: bool,
+             device: str, threads: int | None, no_progress: bool) -> None:
     """Quantize a model: to GGUF with llama.cpp's rules and bytes, or to UQFF as mistral.rs does."""
     from tqdm import tqdm
 
@@ -64,6 +75,17 @@ def quantize(model: str, isq: str, output: str, imatrix: str | None, pure: bool,
         bars[0].set_postfix_str(name, refresh=False)
         bars[0].update(1)
 
+    if layout is not None:
+        if imatrix or pure or topology or shard_size:
+            raise InputValueError("--format writes a HF checkpoint; --imatrix/--pure/--topology/--shard-size do not apply")
+        from quantbench.formats.checkpoint import write_quantized_checkpoint
+        from quantbench.sources import resolve_model
+
+        dev = "cuda" if device == "cuda" or (device == "auto" and _cuda()) else "cpu"
+        files = write_quantized_checkpoint(str(resolve_model(model)), output, isq, layout=layout, skip=skip,
+                                           device=dev, overwrite=overwrite)
+        click.echo(f"wrote {isq} in the {layout} layout: " + ", ".join(str(f) for f in files))
+        return
     uqff = output.endswith(".uqff") or "," in isq or topology is not None
     try:
         if uqff:

@@ -146,41 +146,14 @@ def hf_args(path: Path, cfg: dict) -> ModelArgs:
     return module_for_hf(cfg["model_type"], origin).from_hf(Source(cfg, origin))
 
 
-def safetensors_items(path: Path) -> Iterator[Item]:
-    """Tensors of a HF dir one at a time (single file or index-sharded)."""
-    from safetensors import safe_open
-
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        shards = sorted(p.name for p in path.glob("*.safetensors"))
-    if not shards:
-        raise FormatError(f"{path}: no *.safetensors weights")
-    seen: dict[str, str] = {}
-    for shard in shards:
-        f = path / shard
-        try:
-            handle = safe_open(str(f), framework="pt")
-        except Exception as e:
-            raise FormatError(f"{f}: unreadable safetensors shard ({e})") from e
-        with handle as h:
-            for key in h.keys():
-                if key in seen:
-                    raise FormatError(f"{path}: tensor {key} appears in both {seen[key]} and {shard}")
-                seen[key] = shard
-                try:
-                    t = h.get_tensor(key)
-                except Exception as e:
-                    raise FormatError(f"{f}: tensor {key} is unreadable ({e})") from e
-                yield key, t
-
-
 def _load_hf_dir(path: Path, dtype: torch.dtype, device: str, with_tokenizer: bool) -> LoadedModel:
     cfg = read_hf_config(path)
     args = hf_args(path, cfg)
     model = _build(args, dtype, device)
-    load_weights(model, safetensors_items(path), str(path), dtype, device)
+    from quantbench.formats.checkpoint import read_checkpoint_items
+
+    # float dirs and quantized checkpoints (bnb, MLX, FP8, compressed-tensors) alike
+    load_weights(model, read_checkpoint_items(path), str(path), dtype, device)
     tok = None
     if with_tokenizer:
         from quantbench.engine.tokenizer import Tokenizer

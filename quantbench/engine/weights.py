@@ -19,13 +19,16 @@ _EXPERT_ALIAS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.rope\.freqs)$")
 
 
-def stack_experts(items: Iterable[Item], n_experts: int) -> Iterator[Item]:
+def stack_experts(items: Iterable[Item], n_experts: int, origin: str = "") -> Iterator[Item]:
     """HF checkpoints store one tensor per expert (or v5's fused ``gate_up_proj``); the engine
     keeps ``[E, out, in]`` stacks. Buffers only the experts of one projection at a time."""
     pending: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for name, t in items:
         m = _PER_EXPERT.match(name)
         if m:
+            if isinstance(t, QTensor):
+                raise FormatError(f"{name}: per-expert quantized checkpoints are not supported; "
+                                  "use a float checkpoint, GGUF or UQFF for quantized MoE models")
             which = _EXPERT_ALIAS.get(m.group(3), m.group(3))
             key = (m.group(1), which)
             slot = pending.setdefault(key, {})
@@ -46,7 +49,16 @@ def stack_experts(items: Iterable[Item], n_experts: int) -> Iterator[Item]:
         yield name, t
     if pending:
         (prefix, which), got = next(iter(pending.items()))
-        raise FormatError(f"expert weights {prefix}.N.{which}: found {len(got)} of {n_experts} experts")
+        where = f"{origin}: " if origin else ""
+        raise FormatError(f"{where}expert weights {prefix}.N.{which}: found {len(got)} of {n_experts} experts")
+
+
+def _moe_block_alias(name: str, block: str) -> str:
+    """transformers 5 keeps Mixtral's router and fused experts under ``mlp.`` (its state_dict and
+    any file saved from it), while v4 files — and the engine — say ``block_sparse_moe.``."""
+    if block != "mlp" and (".mlp.gate." in name or ".mlp.experts." in name):
+        return name.replace(".mlp.", f".{block}.", 1)
+    return name
 
 
 def expected_names(model: Model) -> dict[str, tuple[torch.nn.Module, str, tuple[int, ...]]]:
@@ -75,9 +87,11 @@ def load_weights(model: Model, items: Iterable[Item], origin: str, dtype: torch.
     want = expected_names(model)
     seen: set[str] = set()
     embed = None
-    for name, t in stack_experts(items, model.args.num_experts):
+    for name, t in stack_experts(items, model.args.num_experts, origin):
         if _IGNORED.search(name):
             continue
+        if name not in want:
+            name = _moe_block_alias(name, model.args.moe_block_name)
         if name not in want:
             raise FormatError(f"{origin}: unexpected tensor {name!r} for a {model.args.arch} model of this config")
         mod, attr, shape = want[name]

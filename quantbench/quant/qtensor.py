@@ -27,6 +27,10 @@ class QTensor:
         return self.tensors["data"]
 
     @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
