@@ -158,9 +158,15 @@ def _load(model: str, dtype: str, device: str, threads: int | None):
 @click.option("--save-logits", type=click.Path(dir_okay=False), default=None, help="Write base log-probs for later KLD.")
 @click.option("--kl-base", type=click.Path(dir_okay=False), default=None, help="Compare with base log-probs (KLD, same top token).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the numbers as JSON.")
+@click.option("--embeddings", is_flag=True, help="Sentence-embedding encoder (BERT family): cosine vs fp32 per scheme.")
+@click.option("--isq", default=None, help="--embeddings: schemes to compare, comma-separated (default: every one).")
+@click.option("--sentences", "n_sentences", type=int, default=2000, show_default=True, help="--embeddings: sentences of --text.")
 @click.option("--no-progress", is_flag=True)
-def eval_cmd(model, dtype, device, threads, text_file, ctx, chunks, save_logits, kl_base, json_out, no_progress):
-    """Perplexity as llama-perplexity computes it; KL divergence against saved base logits."""
+def eval_cmd(model, dtype, device, threads, text_file, ctx, chunks, save_logits, kl_base, json_out, embeddings, isq,
+             n_sentences, no_progress):
+    """Perplexity as llama-perplexity computes it; KL divergence against saved base logits.
+
+    With --embeddings: mean/min cosine similarity of quantized sentence embeddings vs fp32."""
     import json
     from pathlib import Path
 
@@ -169,10 +175,28 @@ def eval_cmd(model, dtype, device, threads, text_file, ctx, chunks, save_logits,
     from quantbench.cli.tables import print_eval
     from quantbench.engine.perplexity import evaluate
     from quantbench.errors import InputValueError
+    from quantbench.formats.atomic import atomic_output
 
     p = Path(text_file)
     if not p.is_file():
         raise InputValueError(f"{text_file}: no such text file")
+    if embeddings:
+        from quantbench.engine.embeddings import default_schemes, embedding_quality, format_table
+        from quantbench.engine.sentences import wikitext_sentences
+        from quantbench.sources import resolve_model
+
+        _set_threads(threads)
+        dev = "cuda" if device == "cuda" or (device == "auto" and _cuda()) else "cpu"
+        sents = wikitext_sentences(p, n_sentences)
+        schemes = [s.strip() for s in isq.split(",")] if isq else default_schemes()
+        rows = embedding_quality(resolve_model(model), schemes, sents, device=dev)
+        click.echo(format_table(rows))
+        if json_out:
+            with atomic_output(Path(json_out)) as tmp:
+                tmp.write_text(json.dumps({"rows": [r.to_json() for r in rows]}, indent=2))
+        return
+    elif isq:
+        raise InputValueError("--isq applies to --embeddings; to evaluate a quantized LM, quantize it first and pass -m")
     text = p.read_text(encoding="utf-8", errors="replace")
     lm = _load(model, dtype, device, threads)
     bar: list[tqdm] = []
@@ -188,8 +212,6 @@ def eval_cmd(model, dtype, device, threads, text_file, ctx, chunks, save_logits,
         bar[0].close()
     print_eval(res, f"{model} on {p.name}")
     if json_out:
-        from quantbench.formats.atomic import atomic_output
-
         with atomic_output(Path(json_out)) as tmp:
             tmp.write_text(json.dumps(res.as_dict(), indent=2))
 
