@@ -45,7 +45,12 @@ def _set_threads(threads: int | None) -> None:
               help="GGUF output: a llama.cpp ftype (Q4_K_M, IQ4_XS, ...) or one GGML type. "
                    "UQFF output: mistral.rs ISQ types (Q4K, Q8_0, HQQ4, AFQ4, FP8, ...), comma-separated, or 2-8.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output .gguf or .uqff path (a directory for several UQFF types).")
-@click.option("--imatrix", type=click.Path(), default=None, help="Importance matrix (GGUF output): llama.cpp GGUF imatrix or legacy .dat.")
+@click.option("--imatrix", type=click.Path(), default=None,
+              help="Importance matrix (GGUF output): llama.cpp GGUF imatrix, legacy .dat, or mistral.rs .cimatrix.")
+@click.option("--calibration-file", type=click.Path(), default=None,
+              help="GGUF output: collect an imatrix from this text first (windows of --ctx tokens), then quantize with it.")
+@click.option("--ctx", type=int, default=512, show_default=True, help="--calibration-file: window length.")
+@click.option("--chunks", type=int, default=None, help="--calibration-file: use only the first N windows.")
 @click.option("--pure", is_flag=True, help="GGUF: no k-quant mixture, every quantizable tensor gets the ftype's base type.")
 @click.option("--topology", type=click.Path(), default=None, help="UQFF: mistral.rs topology YAML (per-layer types).")
 @click.option("--isq-organization", type=click.Choice(["default", "moqe"]), default="default", show_default=True,
@@ -58,7 +63,8 @@ def _set_threads(threads: int | None) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def quantize(model: str, isq: str, output: str, imatrix: str | None, pure: bool, topology: str | None,
+def quantize(model: str, isq: str, output: str, imatrix: str | None, calibration_file: str | None, ctx: int,
+             chunks: int | None, pure: bool, topology: str | None,
              isq_organization: str, shard_size: int | None, layout: str | None, skip: tuple[str, ...], overwrite: bool,
              device: str, threads: int | None, no_progress: bool) -> None:
     """Quantize a model: to GGUF with llama.cpp's rules and bytes, or to UQFF as mistral.rs does."""
@@ -106,7 +112,13 @@ def quantize(model: str, isq: str, output: str, imatrix: str | None, pure: bool,
             from quantbench.sources import resolve_model
 
             src = resolve_model(model)
-            report = quantize_gguf(src, output, isq, imatrix=imatrix, pure=pure, device=device, progress=progress)
+            if calibration_file:
+                if imatrix:
+                    raise InputValueError("give either --imatrix or --calibration-file, not both")
+                report = _quantize_with_calibration(src, output, isq, calibration_file, ctx, chunks, pure, device,
+                                                    progress, no_progress)
+            else:
+                report = quantize_gguf(src, output, isq, imatrix=imatrix, pure=pure, device=device, progress=progress)
     finally:
         for b in bars:
             b.close()
@@ -114,6 +126,56 @@ def quantize(model: str, isq: str, output: str, imatrix: str | None, pure: bool,
         print_uqff_report(report)
     else:
         print_quantize_report(src, report)
+
+
+_MODEL_HELP_IM = "Model (GGUF file, HF dir, hub id or alias) to run the calibration text through."
+
+
+def _quantize_with_calibration(src, output, isq, calibration_file, ctx, chunks, pure, device, progress, no_progress):
+    """Collect an imatrix through the engine, then quantize with it — one run, as llama-imatrix + llama-quantize."""
+    import tempfile
+    from pathlib import Path
+
+    from quantbench.engine import load_model
+    from quantbench.imatrix.collect import collect_imatrix
+    from quantbench.imatrix.files import write_imatrix
+    from quantbench.jobs.quantize_gguf import quantize_gguf
+
+    dev = "cuda" if device == "cuda" or (device == "auto" and _cuda()) else "cpu"
+    lm = load_model(src, dtype="f32", device=dev)
+    im = collect_imatrix(lm, calibration_file, ctx=ctx, chunks=chunks, progress=not no_progress)
+    del lm
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "calibration.imatrix.gguf"
+        write_imatrix(im, path, "gguf")
+        return quantize_gguf(src, output, isq, imatrix=path, pure=pure, device=device, progress=progress)
+
+
+@main.command()
+@click.option("-m", "--model", required=True, help=_MODEL_HELP_IM)
+@click.option("-f", "--calibration-file", required=True, type=click.Path(), help="Calibration text file.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Output: .gguf (llama.cpp), .imatrix/.dat (legacy llama.cpp) or .cimatrix (mistral.rs).")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Window length in tokens.")
+@click.option("--chunks", type=int, default=None, help="Use only the first N windows.")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "dat", "cimatrix"]), default=None,
+              help="Output format (default: from the suffix).")
+@click.option("--process-output", is_flag=True, help="Also collect statistics for the output head.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["f32", "bf16", "f16"]), default="f32", show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True, help="Windows per forward pass.")
+@click.option("--threads", type=int, default=None)
+@click.option("--no-progress", is_flag=True)
+def imatrix(model, calibration_file, output, ctx, chunks, fmt, process_output, device, dtype, batch, threads, no_progress):
+    """Collect an importance matrix (sum of squared activations per input column) as llama-imatrix does."""
+    from quantbench.imatrix.collect import imatrix_command
+
+    _set_threads(threads)
+    rep = imatrix_command(model, calibration_file, output, ctx=ctx, chunks=chunks, fmt=fmt,
+                          process_output=process_output, device=device, dtype=dtype, batch=batch,
+                          progress=not no_progress)
+    click.echo(f"wrote {rep.output} ({rep.fmt}): {rep.entries} tensors, {rep.chunks} chunks x {rep.ctx} tokens, "
+               f"{rep.tokens_per_second:.0f} tokens/s")
 
 
 @main.command()

@@ -122,11 +122,11 @@ def _imatrix_for(
     """Per-expert-stacked weights for tensor ``t``, checked as llama-quantize checks them."""
     if im is None:
         return None
-    w = im.quant_weights(t.name)
+    n_mat = int(np.prod(t.shape[:-2])) if len(t.shape) > 2 else 1
+    w = im.quant_weights(t.name, n_mat)
     if w is None:
         report_missing.append(t.name)
         return None
-    n_mat = int(np.prod(t.shape[:-2])) if len(t.shape) > 2 else 1
     if w.size != t.n_per_row * n_mat:
         if t.name.startswith("token_embd"):
             return None  # llama.cpp ignores a mismatched token_embd entry

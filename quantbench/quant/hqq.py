@@ -48,7 +48,7 @@ import torch
 from quantbench.errors import ShapeError, UnknownTypeError
 from quantbench.quant.qtensor import QTensor
 
-SUPPORTED_BITS = (1, 2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)
 ISQ_GROUP_SIZE = 64
 ISQ_OPT_STEPS = 10
 DEFAULT_OPT_STEPS = 20  # mistral.rs's OPTIMIZER_HQQ_DEFAULT_STEPS, used when steps is None/0
