@@ -74,7 +74,8 @@ class ModelArgs:
     extra: dict = field(default_factory=dict)
 
     def is_sliding(self, i: int) -> bool:
-        if self.sliding_window is None:
+        # 0 means "no window": llama.cpp's Phi-3 converter writes sliding_window 0 for full attention
+        if not self.sliding_window:
             return False
         if self.layer_types is None:
             return True

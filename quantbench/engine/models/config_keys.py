@@ -24,6 +24,17 @@ class Source:
         return default if v is None else v
 
 
+HF_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "su")  # what engine/rope.py implements
+
+
+def _checked_rope_kind(cfg: Source, kind: str | None, key: str) -> str:
+    kind = kind or "default"
+    if kind not in HF_ROPE_TYPES:
+        raise FormatError(f"{cfg.origin}: {key} rope_type {kind!r} is not supported "
+                          f"(supported: {', '.join(HF_ROPE_TYPES)})")
+    return kind
+
+
 def hf_rope(cfg: Source, layer_type: str | None = None) -> tuple[float, dict | None]:
     """(theta, scaling dict or None) from transformers v4 (`rope_theta`/`rope_scaling`) or v5 (`rope_parameters`)."""
     rp = cfg.get("rope_parameters")
@@ -33,11 +44,12 @@ def hf_rope(cfg: Source, layer_type: str | None = None) -> tuple[float, dict | N
         elif "full_attention" in rp and isinstance(rp["full_attention"], dict):
             rp = rp["full_attention"]
         theta = float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-        kind = rp.get("rope_type", rp.get("type", "default"))
-        return theta, (dict(rp) if kind not in (None, "default") else None)
+        kind = _checked_rope_kind(cfg, rp.get("rope_type", rp.get("type", "default")), "rope_parameters")
+        return theta, (dict(rp) if kind != "default" else None)
     scaling = cfg.get("rope_scaling")
-    if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
-        scaling = None
+    if isinstance(scaling, dict):
+        if _checked_rope_kind(cfg, scaling.get("rope_type", scaling.get("type")), "rope_scaling") == "default":
+            scaling = None
     return float(cfg.get("rope_theta", 10000.0)), scaling
 
 

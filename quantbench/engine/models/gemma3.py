@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from quantbench.engine.models.base import ModelArgs
 from quantbench.engine.models.config_keys import Source, gguf_common, gguf_rope_scaling, hf_common, hf_rope
-from quantbench.engine.models.gemma2 import _types
+from quantbench.engine.models.gemma2 import _types, gguf_layer_types, gguf_query_scalar
 
 HF_MODEL_TYPES = ("gemma3_text",)
 GGUF_ARCHES = ("gemma3",)
@@ -34,7 +34,12 @@ def from_gguf(meta: Source, n_vocab: int, names: set[str]) -> ModelArgs:
     c["hidden_act"] = "gelu_pytorch_tanh"
     c["tie_word_embeddings"] = True
     c["rope_scaling"] = gguf_rope_scaling(meta)
+    # as llama.cpp: no (or a zero) window means every layer is global; sliding layers use
+    # rope.freq_base_swa (10000 when absent) without the global layers' scaling
+    window = meta.get("attention.sliding_window") or None
+    types = gguf_layer_types(meta, c["num_layers"], 6) if window else None
     return ModelArgs(**c, norm_offset=0.0, extra={"gemma_norm": True}, embed_scale=True, sandwich_norm=True,
-                     qk_norm=True, query_pre_attn_scalar=float(c["head_dim"]),
-                     sliding_window=meta.get("attention.sliding_window"), layer_types=_types(c["num_layers"], None, 6),
-                     rope_local_theta=10000.0)
+                     qk_norm=True, query_pre_attn_scalar=gguf_query_scalar(c, 62),
+                     final_softcap=meta.get("final_logit_softcapping"),
+                     sliding_window=window, layer_types=types,
+                     rope_local_theta=float(meta.get("rope.freq_base_swa", 10000.0)) if window else None)
