@@ -5,6 +5,13 @@ types from :mod:`quantbench.plan.llama_mixture` and packs each tensor with quant
 on the GPU, one tensor at a time. Prints a table and writes JSON.
 
     python benchmarks/engine_gpu.py [--variants bf16,Q4_K_M] [--layers 32] [--prompt-len 512] [--gen-len 128]
+        [--modes triton,gemv] [--graph-steps 50]
+
+``--modes`` runs each packed variant once per way of executing its weights: ``reference`` (torch
+dequantizer per call), ``triton`` (Triton dequantizer per call, the engine's default on CUDA),
+``gemv`` (Triton dequantizer for prefill, fused dequant+GEMV kernel for one-token decode: a trial
+of a change to ``QLinear.forward``, installed here per layer). ``--graph-steps`` also captures one
+decode step in a CUDA graph and times its replays: the per-token time without Python/launch cost.
 """
 
 from __future__ import annotations
@@ -69,6 +76,55 @@ def build(variant: str, layers: int, dtype, device: str):
     return LoadedModel(model.eval(), None, args, Path(f"random-llama3-8b-{variant}"), "random"), packed_bytes
 
 
+def set_mode(model, mode: str) -> None:
+    """Route packed weights through ``mode`` (see the module docstring)."""
+    from quantbench.engine import kernels
+    from quantbench.quant import QTensor
+
+    kernels.set_enabled(mode != "reference")
+    for layer in model.linear_layers():
+        layer.__dict__.pop("forward", None)
+        if mode == "gemv":
+            def forward(x, layer=layer, dense=type(layer).forward):
+                w = layer.weight
+                if isinstance(w, QTensor) and layer.act_quant == "none" and kernels.can_gemv(x, w):
+                    return kernels.gemv(x, w, layer.bias)
+                return dense(layer, x)
+            layer.forward = forward
+
+
+def graph_step_ms(lm, prompt_len: int, steps: int) -> float:
+    """One decode step at position ``prompt_len`` captured in a CUDA graph: median replay time."""
+    import torch
+
+    model = lm.model
+    with torch.inference_mode():
+        cache = model.make_cache(prompt_len + 1)
+        tok = torch.zeros((1, 1), dtype=torch.long, device="cuda")
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                model(tok, cache=cache, start=prompt_len)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(tok, cache=cache, start=prompt_len)
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(steps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graph.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        del graph
+    times.sort()
+    return times[len(times) // 2]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="bf16,Q4_K_M")
@@ -77,14 +133,22 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--cache-dequantized", action="store_true", help="keep a bf16 copy of packed weights (memory of bf16)")
+    ap.add_argument("--modes", default="triton", help="reference,triton,gemv: how packed weights run (docstring)")
+    ap.add_argument("--gemv-configs", help="engine_cuda_kernels.py JSON: pin each measured shape's best GEMV launch")
+    ap.add_argument("--graph-steps", type=int, default=0, help="also time N replays of a CUDA-graph decode step")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/engine_gpu.json"))
     a = ap.parse_args()
 
     import torch
-    from rich.console import Console
-    from rich.table import Table
 
     from quantbench.engine.bench import bench
+
+    if a.gemv_configs:
+        from quantbench.engine import kernels
+
+        for r in json.loads(Path(a.gemv_configs).read_text())["decode_us"]:
+            if "gemv_best_tuple" in r:
+                kernels.set_gemv_config(r["type"], r["rows"], r["k"], tuple(r["gemv_best_tuple"]))
 
     rows = []
     for variant in a.variants.split(","):
@@ -94,26 +158,43 @@ def main() -> None:
         if a.cache_dequantized:
             for layer in lm.model.linear_layers():
                 layer.cache_dequantized = True
-        torch.cuda.reset_peak_memory_stats()
-        r = bench(lm, a.prompt_len, a.gen_len, a.iterations, warmup=1)
-        rows.append({"variant": variant, "layers": a.layers, "weights_GiB": nbytes / 2**30, "build_s": build_s,
-                     "prefill_tok_s": r.prefill_tok_s.mean, "prefill_std": r.prefill_tok_s.std,
-                     "decode_tok_s": r.decode_tok_s.mean, "decode_std": r.decode_tok_s.std,
-                     "peak_GiB": torch.cuda.max_memory_allocated() / 2**30,
-                     "device": torch.cuda.get_device_name(), "cache_dequantized": a.cache_dequantized})
+        for mode in (["-"] if variant == "bf16" else a.modes.split(",")):
+            if mode != "-":
+                set_mode(lm.model, mode)
+            torch.cuda.reset_peak_memory_stats()
+            r = bench(lm, a.prompt_len, a.gen_len, a.iterations, warmup=1)
+            graph_ms = None
+            if a.graph_steps and mode != "reference":
+                try:
+                    graph_ms = graph_step_ms(lm, a.prompt_len, a.graph_steps)
+                except Exception as e:  # report and go on: capture is a measurement, not the engine
+                    print(f"graph capture failed for {variant}/{mode}: {type(e).__name__}: {e}", flush=True)
+            rows.append({"variant": variant, "mode": mode, "layers": a.layers, "weights_GiB": nbytes / 2**30,
+                         "build_s": build_s,
+                         "prefill_tok_s": r.prefill_tok_s.mean, "prefill_std": r.prefill_tok_s.std,
+                         "decode_tok_s": r.decode_tok_s.mean, "decode_std": r.decode_tok_s.std,
+                         "graph_step_ms": graph_ms, "peak_GiB": torch.cuda.max_memory_allocated() / 2**30,
+                         "device": torch.cuda.get_device_name(), "cache_dequantized": a.cache_dequantized})
+            print(rows[-1], flush=True)
         del lm
         torch.cuda.empty_cache()
-    t = Table(title=f"engine on CUDA, random Llama-3-8B shape ({a.layers} layers), prompt {a.prompt_len}, gen {a.gen_len}")
-    for c in ("variant", "weights GiB", "prefill tok/s", "decode tok/s", "peak GiB"):
-        t.add_column(c, justify="left" if c == "variant" else "right")
-    for r in rows:
-        t.add_row(r["variant"], f"{r['weights_GiB']:.2f}", f"{r['prefill_tok_s']:.0f} ± {r['prefill_std']:.0f}",
-                  f"{r['decode_tok_s']:.1f} ± {r['decode_std']:.1f}", f"{r['peak_GiB']:.1f}")
-    Console().print(t)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".tmp").write_text(json.dumps(rows, indent=2))
     out.with_suffix(".tmp").replace(out)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # the per-row lines above already hold every number
+        return
+    t = Table(title=f"engine on CUDA, random Llama-3-8B shape ({a.layers} layers), prompt {a.prompt_len}, gen {a.gen_len}")
+    for c in ("variant", "mode", "weights GiB", "prefill tok/s", "decode tok/s", "graph step ms", "peak GiB"):
+        t.add_column(c, justify="left" if c in ("variant", "mode") else "right")
+    for r in rows:
+        g = "" if r["graph_step_ms"] is None else f"{r['graph_step_ms']:.2f}"
+        t.add_row(r["variant"], r["mode"], f"{r['weights_GiB']:.2f}", f"{r['prefill_tok_s']:.0f} ± {r['prefill_std']:.0f}",
+                  f"{r['decode_tok_s']:.1f} ± {r['decode_std']:.1f}", g, f"{r['peak_GiB']:.1f}")
+    Console().print(t)
 
 
 if __name__ == "__main__":
