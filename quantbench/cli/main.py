@@ -179,6 +179,22 @@ def imatrix(model, calibration_file, output, ctx, chunks, fmt, process_output, d
 
 
 @main.command()
+@click.argument("src")
+@click.option("-o", "--output", required=True, type=click.Path(), help="DST: .gguf file, .uqff output, or a HF model directory.")
+@click.option("--dtype", type=click.Choice(["f32", "bf16", "f16"]), default=None,
+              help="Float type of a HF-dir/GGUF output (default: the source's; GGUF: llama.cpp's 'auto').")
+@click.option("--isq", default=None, help="UQFF outputs: ISQ type(s), e.g. q4k or q4k,q8_0.")
+@click.option("--model-dir", type=click.Path(), default=None, help="UQFF source: dir with its config.json/residual when not beside it.")
+@click.option("--shard-size", type=int, default=5 * 2**30, show_default=True, help="HF-dir outputs: bytes per safetensors shard.")
+def convert(src, output, dtype, isq, model_dir, shard_size):
+    """Convert between HF safetensors dirs, GGUF and UQFF (GGUF written as llama.cpp's converter writes it)."""
+    from quantbench.cli.tables import print_convert_report
+    from quantbench.jobs.convert import convert as run_convert
+
+    print_convert_report(run_convert(src, output, dtype, isq=isq, model_dir=model_dir, shard_size=shard_size))
+
+
+@main.command()
 @click.argument("path", type=click.Path())
 @click.option("--all-metadata", is_flag=True, help="Show long arrays (vocabularies, merges) in full length counts.")
 def inspect(path: str, all_metadata: bool) -> None:
@@ -198,18 +214,34 @@ _MODEL_HELP = "Model: a .gguf file, a HF model directory, a hub id, or a package
 
 
 def _engine_options(f):
+    f = click.option("--act-quant", type=click.Choice(["none", "ggml"]), default="none", show_default=True,
+                     help="ggml: quantize packed layers' inputs as llama.cpp's CPU backend does (reproduces its numbers).")(f)
+    f = click.option("--model-dir", type=click.Path(), default=None,
+                     help="--from-uqff: dir holding its config.json/residual.safetensors when not beside it.")(f)
+    f = click.option("--from-uqff", type=click.Path(), default=None,
+                     help="Load weights from a UQFF file (ours or mistral.rs's); -m may then name the model dir.")(f)
     f = click.option("--threads", type=int, default=None, help="CPU threads for torch.")(f)
     f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)(f)
     f = click.option("--dtype", type=click.Choice(["auto", "f32", "bf16", "f16"]), default="auto", show_default=True,
                      help="Compute dtype (auto: f32 on CPU, bf16 on CUDA).")(f)
-    return click.option("-m", "--model", required=True, help=_MODEL_HELP)(f)
+    return click.option("-m", "--model", default=None, help=_MODEL_HELP)(f)
 
 
-def _load(model: str, dtype: str, device: str, threads: int | None):
+def _load(model: str | None, dtype: str, device: str, threads: int | None, from_uqff: str | None = None,
+          model_dir: str | None = None, act_quant: str = "none"):
     from quantbench.engine import load_model
+    from quantbench.errors import InputValueError
 
     _set_threads(threads)
-    return load_model(model, dtype=dtype, device=device)
+    if from_uqff:
+        from quantbench.engine.loader import resolve_device
+        from quantbench.engine.uqff_source import load_uqff_model
+
+        return load_uqff_model(from_uqff, model_dir or model, dtype=dtype, device=resolve_device(device),
+                               act_quant=act_quant)
+    if model is None:
+        raise InputValueError("give a model with -m (or a UQFF file with --from-uqff)")
+    return load_model(model, dtype=dtype, device=device, act_quant=act_quant)
 
 
 @main.command(name="eval")
@@ -224,7 +256,7 @@ def _load(model: str, dtype: str, device: str, threads: int | None):
 @click.option("--isq", default=None, help="--embeddings: schemes to compare, comma-separated (default: every one).")
 @click.option("--sentences", "n_sentences", type=int, default=2000, show_default=True, help="--embeddings: sentences of --text.")
 @click.option("--no-progress", is_flag=True)
-def eval_cmd(model, dtype, device, threads, text_file, ctx, chunks, save_logits, kl_base, json_out, embeddings, isq,
+def eval_cmd(model, dtype, device, threads, from_uqff, model_dir, act_quant, text_file, ctx, chunks, save_logits, kl_base, json_out, embeddings, isq,
              n_sentences, no_progress):
     """Perplexity as llama-perplexity computes it; KL divergence against saved base logits.
 
@@ -251,6 +283,8 @@ def eval_cmd(model, dtype, device, threads, text_file, ctx, chunks, save_logits,
         dev = "cuda" if device == "cuda" or (device == "auto" and _cuda()) else "cpu"
         sents = wikitext_sentences(p, n_sentences)
         schemes = [s.strip() for s in isq.split(",")] if isq else default_schemes()
+        if model is None:
+            raise InputValueError("--embeddings needs -m MODEL_DIR")
         rows = embedding_quality(resolve_model(model), schemes, sents, device=dev)
         click.echo(format_table(rows))
         if json_out:
@@ -260,7 +294,7 @@ def eval_cmd(model, dtype, device, threads, text_file, ctx, chunks, save_logits,
     elif isq:
         raise InputValueError("--isq applies to --embeddings; to evaluate a quantized LM, quantize it first and pass -m")
     text = p.read_text(encoding="utf-8", errors="replace")
-    lm = _load(model, dtype, device, threads)
+    lm = _load(model, dtype, device, threads, from_uqff, model_dir, act_quant)
     bar: list[tqdm] = []
 
     def progress(done: int, total: int, tps: float) -> None:
@@ -289,7 +323,7 @@ def eval_cmd(model, dtype, device, threads, text_file, ctx, chunks, save_logits,
 @click.option("--seed", type=int, default=None)
 @click.option("--raw", is_flag=True, help="Do not apply the chat template.")
 @click.option("--ctx", type=int, default=None, help="Context length (default: the model's).")
-def run(model, dtype, device, threads, prompt, interactive, max_tokens, temperature, top_p, top_k, seed, raw, ctx):
+def run(model, dtype, device, threads, from_uqff, model_dir, act_quant, prompt, interactive, max_tokens, temperature, top_p, top_k, seed, raw, ctx):
     """Generate text from a prompt, or chat with -i; stops on EOS."""
     from quantbench.engine.generate import generate
     from quantbench.engine.sampling import Sampler
@@ -298,7 +332,7 @@ def run(model, dtype, device, threads, prompt, interactive, max_tokens, temperat
     if prompt is None and not interactive:
         raise InputValueError("give a prompt with -p, or -i for an interactive chat")
     sampler = Sampler(temperature, top_k, top_p, seed)
-    lm = _load(model, dtype, device, threads)
+    lm = _load(model, dtype, device, threads, from_uqff, model_dir, act_quant)
     tok = lm.tokenizer
     stop = set(tok.eos_ids)
     messages: list[dict] = []
@@ -351,7 +385,7 @@ def run(model, dtype, device, threads, prompt, interactive, max_tokens, temperat
 @click.option("--iterations", type=int, default=3, show_default=True)
 @click.option("--warmup", type=int, default=1, show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
-def bench_cmd(model, dtype, device, threads, prompt_len, gen_len, iterations, warmup, json_out):
+def bench_cmd(model, dtype, device, threads, from_uqff, model_dir, act_quant, prompt_len, gen_len, iterations, warmup, json_out):
     """Prefill (TTFT) and decode (TPOT) throughput, mean ± std over iterations."""
     import json
     from pathlib import Path
@@ -359,7 +393,7 @@ def bench_cmd(model, dtype, device, threads, prompt_len, gen_len, iterations, wa
     from quantbench.cli.tables import print_bench
     from quantbench.engine.bench import bench
 
-    lm = _load(model, dtype, device, threads)
+    lm = _load(model, dtype, device, threads, from_uqff, model_dir, act_quant)
     res = bench(lm, prompt_len, gen_len, iterations, warmup)
     print_bench(res, f"{model} ({lm.model.dtype}, {lm.model.model.norm.weight.device})")
     if json_out:

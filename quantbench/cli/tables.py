@@ -120,3 +120,18 @@ def print_uqff_report(report, console: Console | None = None) -> None:
             console.print(f"{len(out.fallbacks)} layers kept in float (shape does not fit {out.quant}; see uqff_report.json)")
         console.print("shards: " + ", ".join(out.shards))
     console.print(f"done in {report.seconds:.1f} s; beside the shards: " + ", ".join(report.files))
+
+
+def print_convert_report(report, console: Console | None = None) -> None:
+    """What ``quantbench convert`` wrote (a ``quantbench.jobs.convert.ConvertReport``)."""
+    console = console or Console()
+    t = Table(title=f"convert {report.src_kind} → {report.dst_kind}: {report.dst}")
+    t.add_column("file")
+    t.add_column("size", justify="right")
+    root = Path(report.dst)
+    base = root if root.is_dir() else root.parent
+    for name in report.files:
+        f = base / name
+        t.add_row(name, _fmt_bytes(f.stat().st_size) if f.is_file() else "-")
+    console.print(t)
+    console.print(f"{report.tensors} tensors" + (f", dtype {report.dtype}" if report.dtype else ""))

@@ -258,8 +258,10 @@ def quantize_uqff(
     shard_size: int = MAX_UQFF_SIZE_BYTES,
     slab_elements: int | None = None,
     progress: Progress | None = None,
+    _source_name: str | None = None,
 ) -> UqffJobReport:
-    """Quantize the HF model ``src`` (directory, single .safetensors or hub id) to UQFF.
+    """Quantize the model ``src`` (HF directory, single .safetensors, hub id, GGUF file or a
+    packaged alias such as ``smollm2``) to UQFF.
 
     ``isq``: mistral.rs ISQ names or numeric shorthands; several (``["q4k", "q8_0"]`` or
     ``"q4k,q8_0"``) write one output each under the directory ``out``. ``topology``: a
@@ -273,9 +275,22 @@ def quantize_uqff(
     topo = Topology.from_path(topology, device=dev.type) if topology is not None else None
     if shard_size <= 0:
         raise QuantbenchError(f"--shard-size must be positive, got {shard_size}")
-    root = resolve_model_dir(src)
-    if root.is_file() and root.suffix == ".gguf":
-        raise QuantbenchError(f"{root}: UQFF quantization reads Hugging Face safetensors models; convert the GGUF to a HF directory first")
+    root = _resolve_source(src)
+    if root.is_file() and (root.suffix == ".gguf" or _is_gguf(root)):
+        # A GGUF is first written out as a HF directory (dequantized, tokenizer files included)
+        # in a scratch folder beside the output, then quantized like any HF model; the scratch
+        # folder goes away with the job, so memory stays bounded and only disk is borrowed.
+        import tempfile
+
+        from quantbench.jobs.convert import gguf_to_hf_dir
+
+        scratch_parent = Path(out).absolute().parent
+        scratch_parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".qb-gguf-src-", dir=scratch_parent) as scratch:
+            gguf_to_hf_dir(root, Path(scratch) / "hf")
+            return quantize_uqff(Path(scratch) / "hf", out, isq, topology=topology, organization=organization,
+                                 device=device, shard_size=shard_size, slab_elements=slab_elements,
+                                 progress=progress, _source_name=str(src))
     slab = slab_elements or ((1 << 24) if dev.type == "cuda" else (1 << 22))
     with SafetensorsModel(root) as model:
         shapes = {n: i.shape for n, i in model.tensors.items()}
@@ -285,7 +300,7 @@ def quantize_uqff(
         claimed = {s for m in modules for s in m.sources} | {m.bias for m in modules if m.bias}
         residual = [n for n in model.tensors if n not in claimed]
         base = root.parent if root.is_file() else root
-        report = UqffJobReport(Path(targets[0][1]).parent, str(src))
+        report = UqffJobReport(Path(targets[0][1]).parent, _source_name or str(src))
         total = len(modules) * len(types)
         done = 0
         with Staging() as staging:
@@ -319,6 +334,22 @@ def quantize_uqff(
             staging.path(report.root / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=2) + "\n")
             report.files.append(REPORT_NAME)
     return report
+
+
+def _resolve_source(src: str | os.PathLike[str]) -> Path:
+    """A local path, a packaged model alias (``smollm2``), or a hub id."""
+    p = Path(src).expanduser()
+    if not p.exists():
+        from quantbench.sources import PACKAGED_MODELS, resolve_model
+
+        if str(src).lower() in PACKAGED_MODELS:
+            return resolve_model(str(src))
+    return resolve_model_dir(src)
+
+
+def _is_gguf(p: Path) -> bool:
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 class _Counter:
