@@ -198,16 +198,30 @@ def convert(src, output, dtype, isq, model_dir, shard_size):
 @click.argument("path", type=click.Path())
 @click.option("--all-metadata", is_flag=True, help="Show long arrays (vocabularies, merges) in full length counts.")
 def inspect(path: str, all_metadata: bool) -> None:
-    """Show a GGUF file's metadata and tensors, with bits per weight."""
-    from quantbench.cli.tables import print_gguf
-    from quantbench.formats.gguf import read_gguf
+    """Show what a GGUF file, a UQFF output or a HF model directory holds, with bits per weight."""
+    from pathlib import Path
+
     from quantbench.sources import resolve_model
 
-    print_gguf(read_gguf(resolve_model(path)))
+    # a UQFF output is named by its stem (q4k.uqff) while its shards are q4k-0.uqff, ...
+    p = Path(path) if path.endswith(".uqff") else resolve_model(path)
+    if p.is_dir():
+        from quantbench.cli.tables import print_hf_dir
+        from quantbench.formats.safetensors_dir import SafetensorsModel
 
+        with SafetensorsModel(p) as m:
+            print_hf_dir(m)
+    elif p.suffix == ".uqff":
+        from quantbench.cli.tables import print_uqff
+        from quantbench.formats.uqff import UqffFile
 
-if __name__ == "__main__":
-    main()
+        print_uqff(UqffFile(p))
+    else:
+        from quantbench.cli.tables import print_gguf
+        from quantbench.formats.gguf import read_gguf
+
+        print_gguf(read_gguf(p))
+
 
 
 _MODEL_HELP = "Model: a .gguf file, a HF model directory, a hub id, or a packaged alias (smollm2)."
@@ -401,3 +415,7 @@ def bench_cmd(model, dtype, device, threads, from_uqff, model_dir, act_quant, pr
 
         with atomic_output(Path(json_out)) as tmp:
             tmp.write_text(json.dumps(res.as_dict(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

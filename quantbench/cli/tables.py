@@ -135,3 +135,40 @@ def print_convert_report(report, console: Console | None = None) -> None:
         t.add_row(name, _fmt_bytes(f.stat().st_size) if f.is_file() else "-")
     console.print(t)
     console.print(f"{report.tensors} tensors" + (f", dtype {report.dtype}" if report.dtype else ""))
+
+
+def print_uqff(u, console: Console | None = None) -> None:
+    """UQFF layers: stored type, shape, bytes and bits/weight per layer, then totals by type."""
+    console = console or Console()
+    console.print(f"UQFF {'.'.join(map(str, u.version))}: {len(u.shards)} shard(s), {len(u.layers)} quantized layers")
+    t = Table(title=str(u.shards[0]))
+    for c in ("layer", "stored", "format", "shape", "bytes", "bits/weight"):
+        t.add_column(c, justify="right" if c in ("bytes", "bits/weight") else "left")
+    totals: Counter = Counter()
+    for key, layer in u.layers.items():
+        nbytes = sum(i.nbytes for i in layer.tensors.values())
+        numel = 1
+        for d in layer.shape:
+            numel *= d
+        totals[layer.label] += 1
+        t.add_row(key, layer.label, layer.family, "×".join(map(str, layer.shape)), _fmt_bytes(nbytes),
+                  f"{8 * nbytes / max(numel, 1):.3f}")
+    console.print(t)
+    console.print("by type: " + ", ".join(f"{k} ×{v}" for k, v in sorted(totals.items())))
+
+
+def print_hf_dir(m, console: Console | None = None) -> None:
+    """A HF model dir: architecture, quantization config and every tensor (name, dtype, shape, bytes)."""
+    console = console or Console()
+    cfg = getattr(m, "config", None) or {}
+    console.print(f"{m.root}: model_type={cfg.get('model_type', '?')}, "
+                  f"quantization={cfg.get('quantization_config', cfg.get('quantization', 'none'))}")
+    t = Table(title=f"{len(m.tensors)} tensors in {len(m.files)} file(s)")
+    for c in ("tensor", "dtype", "shape", "bytes"):
+        t.add_column(c, justify="right" if c == "bytes" else "left")
+    total = 0
+    for name, info in sorted(m.tensors.items()):
+        total += info.nbytes
+        t.add_row(name, info.dtype, "×".join(map(str, info.shape)), _fmt_bytes(info.nbytes))
+    console.print(t)
+    console.print(f"total {_fmt_bytes(total)}")
