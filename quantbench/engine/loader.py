@@ -7,7 +7,6 @@ through :class:`~quantbench.engine.linear.QLinear`.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
+from quantbench.devices import resolve_device
 from quantbench.engine import gguf_names
 from quantbench.engine.models import module_for_gguf, module_for_hf
 from quantbench.engine.models.base import Model, ModelArgs
@@ -53,14 +53,6 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise InputValueError(f"unknown dtype {dtype!r} (choose f32, bf16, f16 or auto)")
     return DTYPES[dtype]
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputValueError("--device cuda was asked for but no CUDA device is available")
-    return device
 
 
 def load_model(spec: str | os.PathLike[str], dtype: str | torch.dtype = "f32", device: str = "cpu",
@@ -127,13 +119,10 @@ def _build(args: ModelArgs, dtype: torch.dtype, device: str) -> Model:
 
 
 def read_hf_config(path: Path) -> dict:
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise FormatError(f"{path}: not a model directory (no config.json)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{cfg_path}: invalid JSON ({e})") from e
+    """config.json, with a multimodal checkpoint's ``text_config`` taken as the model's config."""
+    from quantbench.formats.safetensors_dir import read_config
+
+    cfg = read_config(path)
     if "text_config" in cfg and "hidden_size" not in cfg:
         cfg = dict(cfg["text_config"], model_type=cfg["text_config"].get("model_type", cfg.get("model_type")))
     return cfg

@@ -20,7 +20,6 @@ import torch
 from quantbench.errors import FormatError
 from quantbench.formats.safetensors_dir import SafetensorsModel
 from quantbench.formats.uqff import RESIDUAL_NAME, UqffFile
-from quantbench.quant.qtensor import QTensor
 
 Item = tuple[str, "torch.Tensor | QTensor"]
 

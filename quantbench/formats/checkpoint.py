@@ -198,14 +198,11 @@ def read_checkpoint_items(path: str | os.PathLike[str]) -> Iterator[Item]:
     """
     from quantbench.formats.safetensors_dir import SafetensorsModel
 
+    from quantbench.formats.safetensors_dir import read_config
+
     root = Path(path)
     cfg_path = root / "config.json"
-    if not cfg_path.is_file():
-        raise FormatError(f"{root}: not a model directory (no config.json)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{cfg_path}: invalid JSON ({e})") from None
+    cfg = read_config(root)
     name = detect_layout(cfg, str(cfg_path))
     with SafetensorsModel(root) as st:
         if name is None:
@@ -251,14 +248,11 @@ def _source(src: str | os.PathLike[str] | Iterable[Item],
             config: dict | None) -> tuple[Iterable[Item], dict, Path | None, str | None]:
     """Items, float config (quantization keys removed), source dir, and the source's layout."""
     if isinstance(src, (str, os.PathLike)):
+        from quantbench.formats.safetensors_dir import read_config
+
         root = Path(src)
         cfg_path = root / "config.json"
-        if not cfg_path.is_file():
-            raise FormatError(f"{root}: not a model directory (no config.json)")
-        try:
-            disk = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise FormatError(f"{cfg_path}: invalid JSON ({e})") from None
+        disk = read_config(root)
         src_layout = detect_layout(disk, str(cfg_path))
         items: Iterable[Item] = read_checkpoint_items(root)
         cfg = config if config is not None else disk

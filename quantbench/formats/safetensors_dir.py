@@ -75,6 +75,17 @@ class TensorInfo:
         return int(np.prod(self.shape[:-1])) if len(self.shape) > 1 else 1
 
 
+def read_config(directory: str | os.PathLike[str]) -> dict:
+    """A model directory's ``config.json``; a missing or malformed file is a ``FormatError``."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FormatError(f"{directory}: not a model directory (no config.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: invalid JSON ({e})") from None
+
+
 def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Tensor entries and ``__metadata__`` of one safetensors file, validated against its size.
 
@@ -193,13 +204,7 @@ class SafetensorsModel:
         self.files = files
         self.tensors = index_files(files)
         self._check_index()
-        cfg = self.root / "config.json"
-        self.config: dict = {}
-        if cfg.is_file():
-            try:
-                self.config = json.loads(cfg.read_text())
-            except json.JSONDecodeError as e:
-                raise FormatError(f"{cfg}: not valid JSON ({e})") from None
+        self.config: dict = read_config(self.root) if (self.root / "config.json").is_file() else {}
         self._fds: dict[Path, int] = {}
 
     def _shard_files(self) -> list[Path]:

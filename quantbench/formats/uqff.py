@@ -54,7 +54,6 @@ import torch
 from quantbench.errors import FormatError, QuantbenchError
 from quantbench.formats.atomic import atomic_output
 from quantbench.formats.safetensors_dir import (
-    DTYPES,
     TORCH_TO_TAG,
     Entry,
     TensorInfo,

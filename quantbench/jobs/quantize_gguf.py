@@ -17,7 +17,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from quantbench.errors import ImatrixError, QuantbenchError
+from quantbench.devices import resolve_device
+from quantbench.errors import ImatrixError
 from quantbench.formats.gguf import KV, GGUFFile, GGUFStreamWriter, GGUFTensor, read_gguf
 from quantbench.imatrix.files import Imatrix, read_imatrix
 from quantbench.quant.registry import get_type, quantize_rows
@@ -106,14 +107,6 @@ def _supported(type_name: str) -> bool:
 
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise QuantbenchError("--device cuda requested but torch sees no CUDA device")
-    if device not in ("cpu", "cuda"):
-        raise QuantbenchError(f"unknown device {device!r}: use cpu, cuda or auto")
-    return torch.device(device)
 
 
 def _imatrix_for(

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from quantbench.devices import resolve_device
 from quantbench.errors import InputValueError, QuantbenchError, ShapeError
 from quantbench.formats.safetensors_dir import Entry, SafetensorsModel, resolve_model_dir, write_safetensors_stream
 from quantbench.formats.uqff import (
@@ -113,14 +114,6 @@ class UqffJobReport:
         }
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise QuantbenchError("--device cuda requested but torch sees no CUDA device")
-    if device not in ("cpu", "cuda"):
-        raise QuantbenchError(f"unknown device {device!r}: use cpu, cuda or auto")
-    return torch.device(device)
 
 
 def output_paths(out: str | os.PathLike[str], types: Sequence[IsqType]) -> list[tuple[IsqType, Path]]:
