@@ -12,7 +12,8 @@ model's saved log-probabilities.
 Bits per weight are file based: file bytes x 8 / weights (every tensor element counted), so the
 ~2.5 MB of tokenizer metadata in the file is included; ``bpw_tensors`` (tensor data only) is in the
 JSON too. Intermediate files (imatrix, base logits, quantized models) are kept in ``--work-dir``
-and reused when a run is repeated with the same settings, so an interrupted run resumes.
+and reused when a run is repeated with the same settings, so an interrupted run resumes
+(``--fresh`` remakes them, e.g. after a quantizer change).
 
     OMP_NUM_THREADS=2 python benchmarks/imatrix_quality.py            # README table
     python benchmarks/imatrix_quality.py --calib-chunks 4 --chunks 4  # quick look
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work-dir", type=Path, default=Path.home() / ".cache/quantbench/bench/imatrix_quality")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/imatrix_quality.json")
+    ap.add_argument("--fresh", action="store_true", help="remake the imatrix, base logits and quantized files")
     args = ap.parse_args()
 
     import torch
@@ -71,6 +73,9 @@ def main() -> None:
     calib, wiki = DATA / "calibration_datav3.txt", DATA / "wiki.test.raw"
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
+    if args.fresh:
+        for old in work.glob("smollm2-*"):
+            old.unlink()
     f32 = make_f32_gguf(smollm2_gguf())
     text = wiki.read_text(encoding="utf-8")
     n_elem, _ = n_weights(f32)
