@@ -46,6 +46,19 @@ SANDWICH = {
     "post_ffw_norm": "post_feedforward_layernorm",
 }
 
+# Tensors llama.cpp stores beside the weights (rope factors), read into the config, not the model.
+AUX_TENSORS = frozenset({"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"})
+
+_QK = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.bias")
+
+
+def permuted_heads(hf_name: str, n_head: int, n_kv_head: int, permutes_qk: bool) -> int | None:
+    """Heads of the Q/K weight or bias ``hf_name`` whose rows llama.cpp permuted, else None."""
+    if not permutes_qk or not hf_name.endswith(_QK):
+        return None
+    return n_head if ".q_proj." in hf_name else n_kv_head
+
+
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
 
 

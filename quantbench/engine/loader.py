@@ -181,9 +181,8 @@ def gguf_args(gf) -> tuple[ModelArgs, Any]:
 def gguf_items(gf, args: ModelArgs, mod, dequantize: bool = False) -> Iterator[Item]:
     """(HF name, float tensor or packed QTensor) for every model tensor of a GGUF file."""
     table = gguf_names.block_table(args.sandwich_norm, args.fused_gate_up, args.moe_block_name)
-    skip = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
     for t in gf.tensors:
-        if t.name in skip:
+        if t.name in gguf_names.AUX_TENSORS:
             continue
         hf = gguf_names.gguf_to_hf(t.name, table)
         if hf is None:
@@ -192,8 +191,8 @@ def gguf_items(gf, args: ModelArgs, mod, dequantize: bool = False) -> Iterator[I
             value: torch.Tensor | QTensor = t.float_rows().reshape(t.shape)
         else:
             value = t.qtensor()
-        if mod.GGUF_PERMUTES_QK and hf.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
-            heads = args.num_heads if ".q_proj." in hf else args.num_kv_heads
+        heads = gguf_names.permuted_heads(hf, args.num_heads, args.num_kv_heads, mod.GGUF_PERMUTES_QK)
+        if heads is not None:  # Q/K biases are permuted like their weights' rows
             value = gguf_names.unpermute_rows(value, heads)
         yield hf, value
 

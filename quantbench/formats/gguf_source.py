@@ -41,7 +41,6 @@ EXPERT_NAMES = {
     "mixtral": {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"},
     "qwen3_moe": {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"},
 }
-_SKIP = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 
 
 def open_gguf(src: str | os.PathLike[str] | GGUFFile) -> GGUFFile:
@@ -258,15 +257,12 @@ def hf_tensor_plan(src: str | os.PathLike[str] | GGUFFile, per_expert: bool = Tr
     shifted = bool(getattr(mod, "GGUF_NORM_SHIFTED", False))
     plan: list[HFTensor] = []
     for t in gf.tensors:
-        if t.name in _SKIP:
+        if t.name in gguf_names.AUX_TENSORS:
             continue
         hf = gguf_names.gguf_to_hf(t.name, table)
         if hf is None:
             raise FormatError(f"{gf.path}: tensor {t.name} has no place in a {args.arch} model")
-        heads = None
-        if mod.GGUF_PERMUTES_QK and hf.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                                                 "self_attn.q_proj.bias", "self_attn.k_proj.bias")):
-            heads = args.num_heads if ".q_proj." in hf else args.num_kv_heads
+        heads = gguf_names.permuted_heads(hf, args.num_heads, args.num_kv_heads, mod.GGUF_PERMUTES_QK)
         shift = shifted and hf.endswith("norm.weight")
         if per_expert and ".experts." in hf and len(t.shape) == 3:
             E, rows = t.shape[0], t.shape[1]
