@@ -170,8 +170,9 @@ def _scheme_for(t: IsqType) -> tuple[str, dict]:
     if t.family == "hqq":
         return f"HQQ{t.bits}", {"optimization_steps": HQQ_STEPS}
     if t.family == "afq":
-        # mistral.rs on CPU runs the model in F32, so its AFQ scales/biases are F32
-        return f"AFQ{t.bits}", {"scale_dtype": torch.float32}
+        # mistral.rs on CPU runs the model in F32, so its AFQ scales/biases are F32; its CPU
+        # quantizer is plain min/max (afq.py, rule "mistralrs"), not MLX's
+        return f"AFQ{t.bits}", {"scale_dtype": torch.float32, "rule": "mistralrs"}
     if t.family == "mxfp4":
         return "MXFP4_ISQ", {}
     if t.family in ("fp8", "f8q8"):

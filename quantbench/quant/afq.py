@@ -21,6 +21,12 @@ The codes are quantized with the float32 scale; ``scales``/``biases`` are then s
 ``scale_dtype`` (MLX and mistral.rs keep the weight's dtype; default here: the input's dtype when
 it is float16/bfloat16/float32). An all-zero group gets ``scale=-1e-7, bias=0`` and decodes to 0.
 
+``rule="mistralrs"`` is mistral.rs's own AFQ ISQ on CPU (``afq/ops.rs`` ``cpu_backend``), which
+UQFF files must reproduce to give mistral.rs's text: plain min/max, no sign trick or snapping::
+
+    scale = (max - min) / n_bins   (1.0 when max - min < 1e-12);  bias = min
+    q     = clamp(round_half_away((w - bias) / scale), 0, n_bins)
+
 Packing: each row is one little-endian LSB-first bitstream — element ``j`` occupies bits
 ``j*bits .. j*bits+bits-1`` — stored as ``uint32 [.., in * bits / 32]``. For 2/4/8 bits this is
 MLX's "element k of a word at shift k*bits"; for 3/5/6 bits it is byte-for-byte MLX's 3/5-byte
@@ -37,12 +43,14 @@ from __future__ import annotations
 import torch
 
 from quantbench.errors import ShapeError, UnknownTypeError
+from quantbench.quant.ggml.common import roundf
 from quantbench.quant.qtensor import QTensor
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUPS = (32, 64, 128)
 MISTRALRS_BITS = (2, 3, 4, 6, 8)
 EPS = 1e-7
+RULES = ("mlx", "mistralrs")
 
 
 def check_config(shape: tuple[int, ...], bits: int, group_size: int, name: str) -> None:
@@ -99,26 +107,36 @@ def quantize(
     bits: int,
     group_size: int = 64,
     scale_dtype: torch.dtype | None = None,
+    rule: str = "mlx",
     name: str = "tensor",
 ) -> QTensor:
-    """MLX ``mx.quantize(w, group_size, bits)`` (affine mode) on any device."""
+    """MLX ``mx.quantize(w, group_size, bits)`` (affine mode), or mistral.rs's ISQ variant of it
+    (``rule="mistralrs"``), on any device."""
     shape = tuple(w.shape)
     check_config(shape, bits, group_size, name)
+    if rule not in RULES:
+        raise UnknownTypeError(f"{name}: AFQ rule must be one of {RULES}, not {rule!r}")
     sdt = scale_dtype or _default_scale_dtype(w.dtype)
     k = shape[-1]
     x = w.to(torch.float32).reshape(-1, group_size)
     mn = x.amin(dim=1, keepdim=True)
     mx = x.amax(dim=1, keepdim=True)
     n_bins = float(2**bits - 1)
-    side = mn.abs() > mx.abs()
-    scale = torch.clamp_min((mx - mn) / n_bins, EPS)
-    scale = torch.where(side, scale, -scale)
-    edge = torch.where(side, mn, mx)
-    q0 = torch.round(edge / scale)
-    snap = q0 != 0
-    scale = torch.where(snap, edge / torch.where(snap, q0, torch.ones_like(q0)), scale)
-    bias = torch.where(snap, edge, torch.zeros_like(edge))
-    q = torch.round((x - bias) / scale).clamp(0.0, n_bins)
+    if rule == "mistralrs":
+        span = mx - mn
+        scale = torch.where(span.abs() < 1e-12, torch.ones_like(span), span / n_bins)
+        bias = mn
+        q = roundf((x - bias) / scale).clamp(0.0, n_bins)  # Rust f32::round = C roundf
+    else:
+        side = mn.abs() > mx.abs()
+        scale = torch.clamp_min((mx - mn) / n_bins, EPS)
+        scale = torch.where(side, scale, -scale)
+        edge = torch.where(side, mn, mx)
+        q0 = torch.round(edge / scale)
+        snap = q0 != 0
+        scale = torch.where(snap, edge / torch.where(snap, q0, torch.ones_like(q0)), scale)
+        bias = torch.where(snap, edge, torch.zeros_like(edge))
+        q = torch.round((x - bias) / scale).clamp(0.0, n_bins)
     lead = shape[:-1]
     rows = x.shape[0] * group_size // k
     w_q = pack_lsb(q.reshape(rows, k), bits).reshape(*lead, k * bits // 32)

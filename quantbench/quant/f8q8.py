@@ -1,7 +1,8 @@
 """F8Q8: mistral.rs's Q8_0 variant with an FP8 block scale (UQFF serde type 5).
 
 Why its own module: the block is 33 bytes, not GGML's 34, and the scale is an e4m3 number
-pre-multiplied by 448, so neither GGML Q8_0 nor the FP8 schemes describe it.
+pre-multiplied by 416 (mistral.rs's ``F8E4M3::MAX``), so neither GGML Q8_0 nor the FP8
+schemes describe it.
 
 Layout (mistral.rs ``BlockF8Q8``, ``#[repr(C)]``, 33 bytes): byte 0 = ``d`` as F8E4M3 bits,
 bytes 1..32 = 32 ``i8`` codes. The *whole* tensor is flattened row-major and zero-padded to a
@@ -11,13 +12,13 @@ divisibility is required.
 Per block (``from_float``)::
 
     amax = max|x|;  d = amax / 127;  id = d != 0 ? 1/d : 0
-    byte0 = F8E4M3(d * 448)                  # saturating, round-to-nearest-even
+    byte0 = F8E4M3(d * 416)             # 416: the float8 crate's F8E4M3::MAX; round-to-nearest-even
     q_j   = (i8) round_half_away(x_j * id)   # Rust's f32::round then saturating cast
 
-Dequantization uses the *rounded* scale: ``x_j = q_j * (fp8(byte0) / 448)``. Consequences of the
+Dequantization uses the *rounded* scale: ``x_j = q_j * (fp8(byte0) / 416)``. Consequences of the
 format that we keep rather than fix: a 3-bit-mantissa scale (up to ~6% relative scale error per
-block), blocks with ``amax > 127`` saturate the scale, and blocks with ``amax`` below about
-2.8e-4 get scale 0 and decode to zeros.
+block), blocks with ``amax`` above about 137 saturate the scale (448 / 416 * 127), and blocks
+with ``amax`` below about 3e-4 get scale 0 and decode to zeros.
 
 QTensor tensors: ``weight`` uint8 ``[num_blocks * 33]`` (UQFF ``{prefix}.weight`` raw bytes).
 ``params``: ``num_blocks`` (UQFF ``{prefix}.weight.num_blocks``); the logical shape is the
@@ -28,18 +29,12 @@ from __future__ import annotations
 
 import torch
 
-from quantbench.quant.fp8 import E4M3_MAX, to_e4m3
+from quantbench.quant.ggml.common import roundf
+from quantbench.quant.fp8 import MISTRALRS_E4M3_MAX, to_e4m3
 from quantbench.quant.qtensor import QTensor
 
 QK = 32
 BLOCK_BYTES = 33
-
-
-def _round_half_away(v: torch.Tensor) -> torch.Tensor:
-    """Rust ``f32::round``: ties away from zero, exact (no ``floor(x + 0.5)`` double rounding)."""
-    t = torch.trunc(v)
-    frac = (v - t).abs()
-    return t + torch.sign(v) * (frac >= 0.5).to(v.dtype)
 
 
 def quantize(w: torch.Tensor, *, name: str = "tensor") -> QTensor:
@@ -54,16 +49,16 @@ def quantize(w: torch.Tensor, *, name: str = "tensor") -> QTensor:
     d = amax / 127.0
     nz = d != 0
     inv = torch.where(nz, 1.0 / torch.where(nz, d, torch.ones_like(d)), torch.zeros_like(d))
-    dbyte = to_e4m3(d * E4M3_MAX).view(torch.uint8)
-    qs = _round_half_away(xb * inv).clamp(-128, 127).to(torch.int8).view(torch.uint8)
+    dbyte = to_e4m3(d * MISTRALRS_E4M3_MAX).view(torch.uint8)
+    qs = roundf(xb * inv).clamp(-128, 127).to(torch.int8).view(torch.uint8)  # Rust f32::round = C roundf
     data = torch.cat([dbyte, qs], dim=1).reshape(-1)
     return QTensor("", tuple(w.shape), {"weight": data}, {"num_blocks": nb})
 
 
 def dequantize(q: QTensor) -> torch.Tensor:
-    """``q * fp8(d) / 448`` per block, padding dropped, float32 in the logical shape."""
+    """``q * fp8(d) / 416`` per block, padding dropped, float32 in the logical shape."""
     blocks = q.tensors["weight"].reshape(-1, BLOCK_BYTES)
-    d = blocks[:, :1].contiguous().view(torch.float8_e4m3fn).to(torch.float32) / E4M3_MAX
+    d = blocks[:, :1].contiguous().view(torch.float8_e4m3fn).to(torch.float32) / MISTRALRS_E4M3_MAX
     qs = blocks[:, 1:].contiguous().view(torch.int8).to(torch.float32)
     return (qs * d).reshape(-1)[: q.numel].reshape(q.shape)
 

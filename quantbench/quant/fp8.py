@@ -20,13 +20,15 @@ Variants (``params["granularity"]``):
   FineGrainedFP8). Arithmetic as transformers' ``Fp8Quantize``: codes ``e4m3(w * (448/amax))``,
   ``weight_scale_inv = 1 / (448/amax)`` (1 for an all-zero block).
 * ``tensor`` / ``channel`` divide by the stored scale instead (compressed-tensors' convention).
-* ``mistralrs`` (mistral.rs ``FP8Linear::quantize``): the weight is first cast to bfloat16;
-  ``scale = bf16(448 * bf16(1/amax))`` clamped to [-448, 448] (so tensors with amax < 1 keep
-  scale 448 and do not use the full FP8 range — that is mistral.rs's behaviour), codes
-  ``e4m3(bf16(w_bf16 * scale))``. Tensors named after ``FP8Linear``'s fields, serialized by
-  UQFF in this order: ``weight`` e4m3 ``[out, in]``, ``dequant_w_scale`` = 1/scale (f32 0-d),
-  ``dequant_x_scale`` (same value: mistral.rs stores the weight's), ``quant_scale`` = scale
-  (f32 0-d); ``params["dtype"] = "F8E4M3"``.
+* ``mistralrs`` (mistral.rs ``FP8Linear::quantize``, the 0.9.5 wheel's bytes): the weight is
+  first cast to bfloat16; ``scale = bf16(M / amax)`` clamped to at most ``M``, codes
+  ``e4m3(bf16(w_bf16 * scale))``, where ``M = 416`` is the ``float8`` crate's ``F8E4M3::MAX``
+  (bits 0x7D; the true e4m3fn maximum is 448). So tensors with amax < 1 all get scale 416 and
+  none uses the top of the FP8 range — mistral.rs's behaviour, reproduced byte for byte.
+  Tensors named after ``FP8Linear``'s fields, serialized by UQFF in this order: ``weight`` e4m3
+  ``[out, in]``, ``dequant_w_scale`` = float32 ``1/scale`` (0-d), ``dequant_x_scale`` (same
+  value: mistral.rs stores the weight's), ``quant_scale`` = scale (float32 0-d);
+  ``params["dtype"] = "F8E4M3"``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from quantbench.errors import ShapeError, UnknownTypeError
 from quantbench.quant.qtensor import QTensor
 
 E4M3_MAX = 448.0
+# mistral.rs's F8E4M3::MAX (float8 crate): the bound of its FP8 ISQ scale and F8Q8 block scales
+MISTRALRS_E4M3_MAX = 416.0
 BLOCK = 128
 GRANULARITIES = ("tensor", "channel", "block", "mistralrs")
 
@@ -92,18 +96,12 @@ def quantize(w: torch.Tensor, *, granularity: str, block_size: int = BLOCK, name
 
 def _quantize_mistralrs(w: torch.Tensor) -> QTensor:
     data = w.to(torch.bfloat16)
-    amax = data.abs().amax()
-    recip = (1.0 / amax.to(torch.float32)).to(torch.bfloat16)
-    scale = (recip.to(torch.float32) * E4M3_MAX).to(torch.bfloat16).clamp(-E4M3_MAX, E4M3_MAX)
-    scaled = (data.to(torch.float32) * scale.to(torch.float32)).to(torch.bfloat16)
-    codes = to_e4m3(scaled.to(torch.float32))
+    m = torch.tensor(MISTRALRS_E4M3_MAX, dtype=torch.bfloat16, device=w.device)
+    scale = (m / data.abs().amax()).clamp(max=MISTRALRS_E4M3_MAX)  # bf16 division; amax 0 -> inf -> 416
+    codes = to_e4m3((data * scale).to(torch.float32))
     qs = scale.to(torch.float32)
-    tensors = {
-        "weight": codes,
-        "dequant_w_scale": 1.0 / qs,
-        "dequant_x_scale": 1.0 / qs,
-        "quant_scale": qs,
-    }
+    inv = 1.0 / qs
+    tensors = {"weight": codes, "dequant_w_scale": inv, "dequant_x_scale": inv.clone(), "quant_scale": qs}
     return QTensor("", tuple(w.shape), tensors, {"granularity": "mistralrs", "dtype": "F8E4M3"})
 
 

@@ -103,16 +103,16 @@ def _register_all() -> None:
         for gs in afq.SUPPORTED_GROUPS:
             nm = f"AFQ{bits}" if gs == 64 else f"AFQ{bits}_G{gs}"
             _add(Scheme(
-                name=nm, family="afq", fixed={"bits": bits, "group_size": gs}, tunable=("scale_dtype",),
+                name=nm, family="afq", fixed={"bits": bits, "group_size": gs}, tunable=("scale_dtype", "rule"),
                 constraints=f"last dim divisible by {gs}",
                 _quantize=afq.quantize, _dequantize=afq.dequantize,
                 _bpw=lambda shape, dt, b=bits, g=gs: afq.bits_per_weight(shape, b, g, afq.scale_bytes(dt)),
                 isq_name=nm if (gs == 64 and bits in afq.MISTRALRS_BITS) else None,
                 uqff_type=UQFF_AFQ if bits in afq.MISTRALRS_BITS else None,
-                description=f"MLX affine {bits}-bit, group {gs}, bf16/f16 scales+biases",
+                description=f"MLX affine {bits}-bit, group {gs}, bf16/f16 scales+biases (rule=mistralrs: mistral.rs ISQ)",
             ))
     fp8_variants = (
-        ("FP8", "mistralrs", "FP8", UQFF_FP8, "mistral.rs FP8 ISQ: per-tensor e4m3 via bf16, scale clamped to 448"),
+        ("FP8", "mistralrs", "FP8", UQFF_FP8, "mistral.rs FP8 ISQ: per-tensor e4m3 via bf16, scale 416/amax clamped to 416"),
         ("FP8_TENSOR", "tensor", None, None, "e4m3 with one float32 scale (amax/448)"),
         ("FP8_CHANNEL", "channel", None, None, "e4m3 with one float32 scale per output row"),
         ("FP8_BLOCK", "block", None, None, "e4m3 with float32 weight_scale_inv per 128x128 block (DeepSeek-V3)"),
@@ -128,7 +128,7 @@ def _register_all() -> None:
     _add(Scheme(
         name="F8Q8", family="f8q8", fixed={}, constraints="any shape (flattened, zero-padded to 32)",
         _quantize=f8q8.quantize, _dequantize=f8q8.dequantize, _bpw=lambda shape, dt: f8q8.bits_per_weight(shape),
-        isq_name="F8Q8", uqff_type=UQFF_F8Q8, description="33-byte blocks of 32: e4m3 scale (x448) + 32 int8",
+        isq_name="F8Q8", uqff_type=UQFF_F8Q8, description="33-byte blocks of 32: e4m3 scale (x416) + 32 int8",
     ))
     for nm, rule, isq, uq, desc in (
         ("MXFP4_ISQ", "mistralrs", "MXFP4", UQFF_MXFP4, "mistral.rs MXFP4 ISQ: E8M0 = floor(log2(amax/6)), ties up"),

@@ -4,6 +4,7 @@ generates, what it plans; broken inputs; and memory that does not grow with the 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -243,20 +244,53 @@ def test_peak_memory_does_not_grow_with_model_size(tmp_path):
     assert grew < 0.25 * added, f"peaks {peaks}: peak RSS grew by {grew / 1e6:.0f} MB for {added / 1e6:.0f} MB more weights"
 
 
-@needs_mistralrs
-@pytest.mark.parametrize("isq,same_text", [("hqq4", True), ("hqq8", True), ("mxfp4", True),
-                                           ("fp8", False), ("f8q8", False), ("afq4", False)])
-def test_data_free_uqff_loads_in_mistralrs_like_its_isq(tiny, tmp_path, isq, same_text):
-    """UQFF from quantbench's own HQQ/MXFP4/FP8/F8Q8/AFQ quantizers, run by mistral.rs.
+@pytest.fixture(scope="module")
+def ranged(tiny, tmp_path_factory):
+    """The tiny model with some tensors scaled past 1 and lone outliers of either sign, so that
+    per-tensor FP8 scales are not all clamped (amax < 1 gives mistral.rs's maximum, 416) and
+    group minima/maxima differ in magnitude (where MLX's AFQ and mistral.rs's part ways)."""
+    from safetensors.torch import load_file
 
-    HQQ4/HQQ8/MXFP4 give mistral.rs's own ISQ text token for token. FP8, F8Q8 and AFQ follow
-    their peers' rules (transformers' FP8, MLX's affine) where mistral.rs's differ in details
-    (its FP8 scale is a fixed 416 per tensor; its AFQ edge handling): the files load and generate,
-    but on this random-weight model's near-flat logits the text parts after a few tokens."""
-    out = tmp_path / f"{isq}.uqff"
-    quantize_uqff(tiny, out, isq)
-    want = mistralrs(tiny, isq=isq, max_tokens=32)
-    got = mistralrs(tmp_path, from_uqff=f"{isq}-0.uqff", max_tokens=32)
-    assert len(_tokens(tiny, got)) >= 16
-    if same_text:
-        assert got == want
+    out = tmp_path_factory.mktemp("ranged") / "llama"
+    shutil.copytree(tiny, out)
+    (st,) = out.glob("*.safetensors")
+    sd = load_file(st)
+    sd["lm_head.weight"] = sd["lm_head.weight"] * 10
+    w = sd["model.layers.0.mlp.down_proj.weight"] * 7
+    w[3, 5] = -9.3
+    sd["model.layers.0.mlp.down_proj.weight"] = w
+    w = sd["model.layers.1.self_attn.q_proj.weight"] * 3
+    w[0, 0], w[1, 1] = 5.1, -6.0
+    sd["model.layers.1.self_attn.q_proj.weight"] = w
+    save_file(sd, st, metadata={"format": "pt"})
+    return out
+
+
+@needs_mistralrs
+@pytest.mark.parametrize("isq", ["fp8", "f8q8", "afq4", "afq3", "mxfp4", "hqq4", "hqq8"])
+def test_data_free_uqff_matches_mistralrs_isq(ranged, tmp_path, isq):
+    """UQFF from quantbench's data-free quantizers, run by mistral.rs: the same 32 greedy tokens
+    as mistral.rs's own ISQ of the same type. FP8, F8Q8, AFQ and MXFP4 layers are also
+    byte-identical to the UQFF mistral.rs writes (its rules: FP8 scale 416/amax in bf16, F8Q8
+    scales x416, plain min/max AFQ; see quant/fp8.py, f8q8.py, afq.py). HQQ's proximal solver
+    runs in float and ends within 0.1% of mistral.rs's (tests/quant/test_hqq.py), so only the
+    text is compared there."""
+    out = tmp_path / "ours"
+    quantize_uqff(ranged, out / f"{isq}.uqff", isq)
+    ref = tmp_path / "ref"
+    want = mistralrs(ranged, isq=isq, write_uqff=ref / f"{isq}.uqff", max_tokens=32)
+    got = mistralrs(out, from_uqff=f"{isq}-0.uqff", max_tokens=32)
+    assert len(_tokens(ranged, want)) >= 16
+    assert got == want
+    if isq.startswith("hqq"):
+        return
+    with UqffFile(out / f"{isq}.uqff") as ours, UqffFile(ref / f"{isq}.uqff") as theirs:
+        assert ours.layers.keys() == theirs.layers.keys()
+        for key in ours.layers:
+            a, _ = ours.read_layer(key)
+            b, _ = theirs.read_layer(key)
+            assert a.tensors.keys() == b.tensors.keys(), key
+            for part in a.tensors:
+                x, y = a.tensors[part], b.tensors[part]
+                assert x.dtype == y.dtype and x.shape == y.shape, f"{key}.{part}"
+                assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), f"{key}.{part}"

@@ -103,3 +103,21 @@ def test_bad_input() -> None:
     with pytest.raises(InputValueError, match="attn"):
         quantize(w, "AFQ2", name="attn")
     assert torch.equal(dequantize(quantize(torch.zeros(2, 64), "AFQ3")), torch.zeros(2, 64))
+
+
+def test_mistralrs_rule_by_hand() -> None:
+    """mistral.rs's CPU AFQ ISQ: scale (max-min)/n_bins, bias min, Rust round (ties away), no
+    MLX sign trick; a constant group gets scale 1 and decodes to its value exactly."""
+    w = torch.zeros(2, 32)
+    w[0, :4] = torch.tensor([-1.0, 0.5, 2.0, 0.25])  # rest 0; min -1, max 2, n_bins 3 -> scale 1
+    w[1] = 0.75  # constant group
+    q = afq.quantize(w, bits=2, group_size=32, rule="mistralrs")
+    assert q.tensors["scales"].tolist() == [[1.0], [1.0]] and q.tensors["biases"].tolist() == [[-1.0], [0.75]]
+    codes = afq.unpack_lsb(q.tensors["w_q"], 2, 32)
+    # (x - min) / scale: 0, 1.5 -> 2, 3, 1.25 -> 1, and 1 for the zeros
+    assert codes[0, :4].tolist() == [0, 2, 3, 1] and codes[0, 4:].eq(1).all()
+    assert codes[1].eq(0).all() and afq.dequantize(q)[1].eq(0.75).all()
+    tie = afq.quantize(torch.tensor([[0.0, 2.5] + [3.0] * 30]), bits=2, group_size=32, rule="mistralrs")
+    assert afq.unpack_lsb(tie.tensors["w_q"], 2, 32)[0, 1].item() == 3  # 2.5 rounds away from zero, not to even 2
+    with pytest.raises(UnknownTypeError, match="rule"):
+        afq.quantize(w, bits=2, group_size=32, rule="gptq")

@@ -69,21 +69,23 @@ def test_block_partial_edges() -> None:
 
 
 def test_mistralrs_isq_fp8() -> None:
-    """FP8Linear::quantize: bf16 weight, scale = bf16(448 * bf16(1/amax)) clamped to 448."""
+    """FP8Linear::quantize in the mistralrs 0.9.5 wheel: bf16 weight, scale = bf16(416 / amax)
+    clamped to 416 (the float8 crate's F8E4M3::MAX), codes e4m3(bf16(w * scale))."""
     w = torch.tensor([[0.5, -2.0, 3.0, 100.0], [-300.0, 1.0, 0.0, 7.0]])
     q = quantize(w, "FP8")
-    amax = 300.0
-    recip = torch.tensor(1 / amax).to(torch.bfloat16).float()
-    scale = (recip * 448).to(torch.bfloat16).float()
-    assert q.tensors["quant_scale"].item() == scale.item()
-    assert q.tensors["dequant_w_scale"].item() == (1 / scale).item() == q.tensors["dequant_x_scale"].item()
-    expect = fp8.to_e4m3((w.to(torch.bfloat16).float() * scale).to(torch.bfloat16).float())
+    scale = 1.3828125  # bf16(416 / 300) = bf16(1.38666...): 8 mantissa bits
+    assert q.tensors["quant_scale"].item() == scale
+    assert q.tensors["dequant_w_scale"].item() == torch.tensor(1 / scale, dtype=torch.float32).item()
+    assert q.tensors["dequant_x_scale"].item() == q.tensors["dequant_w_scale"].item()
+    # -300 * 1.3828125 = -414.84 -> bf16 -414 -> e4m3 -416; 100 * s = 138.28 -> bf16 138 -> e4m3 144
+    assert q.tensors["weight"].float()[1, 0].item() == -416.0 and q.tensors["weight"].float()[0, 3].item() == 144.0
+    expect = fp8.to_e4m3((w.to(torch.bfloat16) * torch.tensor(scale, dtype=torch.bfloat16)).float())
     assert torch.equal(q.tensors["weight"].float(), expect.float())
-    assert torch.equal(dequantize(q), expect.float() * (1 / scale))
+    assert torch.equal(dequantize(q), expect.float() * q.tensors["dequant_w_scale"])
     assert q.params == {"granularity": "mistralrs", "dtype": "F8E4M3"}
-    # amax < 1: the scale saturates at 448 (mistral.rs clamps it to the e4m3 range)
+    # amax < 1: the scale saturates at 416
     small = quantize(torch.tensor([[0.01, -0.02]]), "FP8")
-    assert small.tensors["quant_scale"].item() == 448.0
+    assert small.tensors["quant_scale"].item() == 416.0
     assert torch.equal(dequantize(quantize(torch.zeros(3, 4), "FP8")), torch.zeros(3, 4))
 
 
