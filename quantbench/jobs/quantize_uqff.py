@@ -8,6 +8,11 @@ peak memory is one slab plus the largest non-GGML layer, independent of model si
 What gets quantized, promoted, and what falls back is ``quantbench.plan.isq`` (mistral.rs's
 rules); ``--topology`` is ``quantbench.plan.topology``. Everything under the output names is
 staged and renamed at the very end: a failure leaves nothing new behind.
+
+Every layer is quantized the way mistral.rs's own ISQ would, so a UQFF from quantbench holds the
+bytes mistral.rs would have written: K-quants through candle's search
+(:mod:`quantbench.quant.ggml.candle_kquants`, not llama.cpp's current one, which the GGUF path
+uses), FP8/F8Q8/AFQ/MXFP4 with mistral.rs's rules (see each scheme module).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from quantbench.formats.uqff import (
 from quantbench.plan.isq import IsqType, LayerPlan, Module, find_modules, parse_isq_list, plan_layer
 from quantbench.plan.topology import Topology
 from quantbench.quant.qtensor import QTensor
+from quantbench.quant.ggml.candle_kquants import CANDLE_TYPES, quantize_rows_candle
 from quantbench.quant.registry import get_type, quantize_rows
 
 Progress = Callable[[str, int, int], None]
@@ -152,7 +158,10 @@ def _gguf_chunks(src: SafetensorsModel, module: Module, ggml: str, dev: torch.de
     qt = get_type(ggml)
     for name, a, b in _row_slabs(src, module, slab_elements):
         x = _finite(src.read_rows(name, a, b).to(dev, torch.float32), f"{src.root}: {name} rows {a}..{b}")
-        yield quantize_rows(qt, x.contiguous(), None).cpu() if qt.block_size > 1 else x.to(torch.float32).cpu()
+        if ggml in CANDLE_TYPES:
+            yield quantize_rows_candle(ggml, x).cpu()
+        else:
+            yield quantize_rows(qt, x.contiguous(), None).cpu() if qt.block_size > 1 else x.to(torch.float32).cpu()
 
 
 def _raw_chunks(src: SafetensorsModel, module: Module, slab_elements: int):

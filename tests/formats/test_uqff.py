@@ -22,6 +22,7 @@ from quantbench.formats.uqff import (
     write_uqff_output,
 )
 from quantbench.quant import afq, dequantize, f8q8, fp8, hqq, mxfp4_ocp, quantize
+from quantbench.quant.ggml.candle_kquants import quantize_rows_candle
 from tests.formats import make_llama_dir, mistralrs, mistralrs_available
 
 pytestmark = pytest.mark.skipif(not mistralrs_available(), reason="needs the mistralrs==0.9.5 wheel (pip install mistralrs==0.9.5)")
@@ -73,16 +74,17 @@ def test_reads_every_mistralrs_output(tiny, mistral_outputs):
                     assert torch.equal(q.data, quantize(w, LEGACY[L.label]).data), f"{t} {key}"
 
 
-def test_k_quant_blocks_differ_from_candle_but_are_no_worse(tiny, mistral_outputs):
-    """mistral.rs quantizes K types with candle's port of an older llama.cpp (make_qkx1_quants for
-    Q4K/Q5K, its own Q6K/Q2K search); quantbench follows current llama.cpp. Same format, other
-    blocks: ours must reconstruct at least as well."""
+def test_k_quant_blocks_are_candles_and_llama_cpp_search_is_no_worse(tiny, mistral_outputs):
+    """mistral.rs quantizes K types with candle's port of an older llama.cpp search; its blocks
+    are exactly ``quantize_rows_candle``'s (what quantbench writes into UQFF). quantbench's GGUF
+    path follows current llama.cpp: other blocks, reconstructing at least as well."""
     src = safe_open(str(tiny / "model.safetensors"), "pt")
     for t, ggml in (("Q4K", "Q4_K"), ("Q6K", "Q6_K")):
         with UqffFile(mistral_outputs[t]) as u:
             key = "model.layers.0.mlp.down_proj"
             q, _ = u.read_layer(key)
             w = src.get_tensor(key + ".weight")
+            assert torch.equal(quantize_rows_candle(ggml, w), q.data.reshape(w.shape[0], -1)), t
             ours = quantize(w, ggml)
             assert not torch.equal(ours.data, q.data)
             e_theirs = (dequantize(q) - w).pow(2).mean()
