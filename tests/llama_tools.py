@@ -44,14 +44,14 @@ def llama_quantize(src: Path, ftype: str, *, imatrix: Path | None = None, pure: 
     out = CACHE / f"{src.stem}-{ftype}-{'pure-' if pure else ''}{_key(src, ftype, imatrix or '', pure)}.gguf"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".partial")
+        tmp = out.with_name(f"{out.stem}.partial-{os.getpid()}.gguf")  # per process: xdist workers may race
         args: list[str | Path] = [need("llama-quantize")]
         if pure:
             args.append("--pure")
         if imatrix is not None:
             args += ["--imatrix", imatrix]
         run(args + ["--allow-requantize", src, tmp, ftype, "2"])
-        tmp.rename(out)
+        os.replace(tmp, out)
     return out
 
 
@@ -59,10 +59,10 @@ def llama_imatrix(model: Path, text: Path, *, chunks: int, ctx: int, fmt: str = 
     out = CACHE / f"{model.stem}-imatrix-{chunks}x{ctx}-{_key(model, text, chunks, ctx, fmt)}.{'gguf' if fmt == 'gguf' else 'dat'}"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".partial")
+        tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
         run([need("llama-imatrix"), "-m", model, "-f", text, "-o", tmp, "--output-format", fmt,
              "--chunks", chunks, "-c", ctx, "-t", "2", "--no-ppl", "-nr"])
-        tmp.rename(out)
+        os.replace(tmp, out)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,10 @@ def _llama_imatrix_exact(model: Path, text: Path, *, chunks: int, ctx: int) -> P
     out = llama_tools.CACHE / f"{model.stem}-imatrix-f32kv-{chunks}x{ctx}-{llama_tools._key(model, text, chunks, ctx)}.gguf"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".partial")
+        tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
         llama_tools.run([llama_tools.need("llama-imatrix"), "-m", model, "-f", text, "-o", tmp, "--chunks", chunks,
                          "-c", ctx, "-b", ctx, "-t", "2", "--no-ppl", "-ctk", "f32", "-ctv", "f32", "-fa", "off"])
-        tmp.rename(out)
+        os.replace(tmp, out)
     return out
 
 

@@ -14,6 +14,7 @@ The quality check is the direction the imatrix exists for: with it, Q2_K and Q3_
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -72,8 +73,9 @@ def imatrix_files(collected: Imatrix, tmp_path_factory) -> dict[str, Path]:
     kept = llama_tools.CACHE / f"smollm2-quantbench-imatrix-{CAL_CHUNKS}x{CAL_CTX}-{digest}.gguf"
     if not kept.exists():
         kept.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(fresh, kept.with_name(kept.name + ".partial"))
-        kept.with_name(kept.name + ".partial").rename(kept)
+        part = kept.with_name(f"{kept.name}.partial-{os.getpid()}")
+        shutil.copyfile(fresh, part)
+        os.replace(part, kept)
     files = {"gguf": kept}
     for fmt, suffix in (("dat", ".imatrix"), ("cimatrix", ".cimatrix")):
         files[fmt] = d / f"collected{suffix}"
