@@ -141,10 +141,12 @@ class QLinear(nn.Module):
         self.cache_dequantized: bool | None = None  # None: decide by device
         self.act_quant: str = "none"  # "ggml": emulate llama.cpp's activation quantization
         self._cached: torch.Tensor | None = None
+        self._ggml_parts = None  # GGMLWeightParts of a packed weight, built on first ggml call
 
     def set_weight(self, w: Weight) -> None:
         self.weight = w
         self._cached = None
+        self._ggml_parts = None
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         w = self.weight
@@ -161,6 +163,14 @@ class QLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant == "ggml" and isinstance(self.weight, QTensor):
+            from quantbench.engine import ggml_numerics as gn
+
+            if self.weight.qtype in gn.EXACT_MATMUL_TYPES:
+                # bit-exact ggml-cpu dot product (activation quantization included)
+                if self._ggml_parts is None:
+                    self._ggml_parts = gn.GGMLWeightParts(self.weight)
+                y = gn.ggml_quant_matmul(x, self._ggml_parts).to(x.dtype)
+                return y if self.bias is None else y + self.bias.to(x.dtype)
             fix = ggml_q8_1_sum_correction(x, self.weight)
             y = F.linear(ggml_activation_round_trip(x, self.weight.qtype), self.dense_weight(x.dtype), self.bias)
             return y if fix is None else y + fix

@@ -73,8 +73,7 @@ def load_model(spec: str | os.PathLike[str], dtype: str | torch.dtype = "f32", d
         lm = _load_hf_dir(path, dt, device, with_tokenizer)
     else:
         lm = _load_gguf(path, dt, device, with_tokenizer)
-    for layer in lm.model.linear_layers():
-        layer.act_quant = act_quant
+    lm.model.set_act_quant(act_quant)
     return lm
 
 

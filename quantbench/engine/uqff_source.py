@@ -132,8 +132,7 @@ def load_uqff_model(uqff_path: str | os.PathLike[str], model_dir: str | os.PathL
     args = hf_args(base, cfg)
     model = _build(args, dt, device)
     load_weights(model, items, str(uqff_path), dt, device)
-    for layer in model.linear_layers():
-        layer.act_quant = act_quant
+    model.set_act_quant(act_quant)
     tok = None
     if with_tokenizer:
         from quantbench.engine.tokenizer import Tokenizer

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from quantbench.engine import ggml_numerics as gn
 from quantbench.engine.linear import QLinear, ggml_activation_round_trip, ggml_block_mins
 from quantbench.errors import ShapeError
 from quantbench.quant import dequantize, quantize
@@ -84,6 +85,17 @@ def _ggml() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     base.ggml_new_graph.restype, base.ggml_new_graph.argtypes = vp, [vp]
     base.ggml_build_forward_expand.argtypes = [vp, vp]
     base.ggml_free.argtypes = [vp]
+    base.ggml_new_tensor_1d.restype = vp
+    base.ggml_new_tensor_1d.argtypes = [vp, ctypes.c_int, ctypes.c_int64]
+    base.ggml_new_tensor_3d.restype = vp
+    base.ggml_new_tensor_3d.argtypes = [vp, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    base.ggml_rms_norm.restype, base.ggml_rms_norm.argtypes = vp, [vp, vp, ctypes.c_float]
+    base.ggml_mul.restype, base.ggml_mul.argtypes = vp, [vp, vp, vp]
+    base.ggml_swiglu_split.restype, base.ggml_swiglu_split.argtypes = vp, [vp, vp, vp]
+    base.ggml_soft_max_ext.restype = vp
+    base.ggml_soft_max_ext.argtypes = [vp, vp, vp, ctypes.c_float, ctypes.c_float]
+    base.ggml_rope_ext.restype = vp
+    base.ggml_rope_ext.argtypes = [vp, vp, vp, vp, ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_float] * 6
     cpu.ggml_graph_compute_with_ctx.argtypes = [vp, vp, ctypes.c_int]
     cpu.ggml_cpu_init()
     return base, cpu
@@ -111,9 +123,113 @@ def ggml_mul_mat(weight_bytes: np.ndarray, ggml_id: int, n_out: int, n_in: int, 
         base.ggml_free(ctx)
 
 
+def ggml_float_op(build, inputs: list[np.ndarray]) -> np.ndarray:
+    """Run ``build(base, ctx, tensors) -> result`` on ggml-cpu (2 threads) with ``inputs`` as
+    tensors (float32, or int32 for integer arrays; shapes in numpy order, at most 3-D)."""
+    base, cpu = _ggml()
+    size = sum(a.nbytes for a in inputs)
+    ctx = base.ggml_init(_InitParams(8 * size + (16 << 20), None, False))
+    assert ctx, "ggml_init failed"
+    try:
+        tensors = []
+        for a in inputs:
+            a = np.ascontiguousarray(a)
+            gtype = 26 if a.dtype == np.int32 else 0  # GGML_TYPE_I32 / F32
+            a = a if gtype == 26 else a.astype(np.float32)
+            ne = list(reversed(a.shape))
+            if len(ne) == 1:
+                t = base.ggml_new_tensor_1d(ctx, gtype, *ne)
+            elif len(ne) == 2:
+                t = base.ggml_new_tensor_2d(ctx, gtype, *ne)
+            else:
+                t = base.ggml_new_tensor_3d(ctx, gtype, *ne)
+            ctypes.memmove(_Tensor.from_address(t).data, a.ctypes.data, a.nbytes)
+            tensors.append(t)
+        y = build(base, ctx, tensors)
+        graph = base.ggml_new_graph(ctx)
+        base.ggml_build_forward_expand(graph, y)
+        assert cpu.ggml_graph_compute_with_ctx(ctx, graph, 2) == 0
+        yt = _Tensor.from_address(y)
+        shape = tuple(reversed([n for n in yt.ne]))[4 - inputs[0].ndim:]  # ggml pads to 4 dims
+        n = int(np.prod(shape))
+        return np.ctypeslib.as_array((ctypes.c_float * n).from_address(yt.data)).reshape(shape).copy()
+    finally:
+        base.ggml_free(ctx)
+
+
 # --------------------------------------------------------------------------------------------
 # against ggml-cpu
 # --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("wtype", gn.EXACT_MATMUL_TYPES)
+@pytest.mark.parametrize("tokens", [1, 6, 8, 40])  # vec_dot / tinyBLAS / K-quant tiled kernel (8+ rows)
+def test_exact_types_match_ggml_cpu_bit_for_bit(wtype, tokens):
+    n_in, n_out = 512, 96
+    w = torch.randn(n_out, n_in, generator=torch.Generator().manual_seed(1)) * 0.05
+    q = quantize(w, wtype)
+    x = tie_rich_input(tokens, n_in, seed=tokens)
+    x[0] += torch.randn(n_in, generator=torch.Generator().manual_seed(2))  # a row without ties
+    ref = torch.from_numpy(ggml_mul_mat(q.tensors["data"].numpy(), get_type(wtype).ggml_id, n_out, n_in, x.numpy()))
+    layer = QLinear(n_in, n_out, False, "probe")
+    layer.set_weight(q)
+    layer.act_quant = "ggml"
+    with torch.inference_mode():
+        assert torch.equal(layer(x), ref)
+
+
+def _activations(rows: int, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g) * 3
+    x[:, 7] *= 40  # an outlier channel, as residual streams have
+    return x
+
+
+@pytest.mark.oracle
+def test_rms_norm_matches_ggml_bit_for_bit():
+    x = _activations(64, 576, 11)
+    w = torch.rand(576, generator=torch.Generator().manual_seed(12)) + 0.5
+    eps = 1e-5
+    ref = ggml_float_op(lambda b, c, t: b.ggml_mul(c, b.ggml_rms_norm(c, t[0], eps), t[1]), [x.numpy(), w.numpy()])
+    assert torch.equal(gn.rms_norm(x, w, eps), torch.from_numpy(ref))
+
+
+@pytest.mark.oracle
+def test_swiglu_matches_ggml_bit_for_bit():
+    g = _activations(16, 1541, 13) * 4  # 1541: a scalar tail after the 8-wide vectors
+    g[0, :16] = torch.tensor([-120.0, -100.0, -90.0, -88.0, -50.0, 0.0, -0.0, 1e-30,
+                              50.0, 88.0, 89.0, 100.0, 120.0, -1e-30, 3.0, -3.0])  # expf's edge branches
+    u = _activations(16, 1541, 14)
+    ref = ggml_float_op(lambda b, c, t: b.ggml_swiglu_split(c, t[0], t[1]), [g.numpy(), u.numpy()])
+    ours = gn.swiglu(g, u)
+    main = 1541 - 1541 % 8
+    assert torch.equal(ours[:, :main], torch.from_numpy(ref)[:, :main])  # ggml_v_expf path: exact
+    assert torch.allclose(ours, torch.from_numpy(ref), rtol=1e-6, atol=0)
+
+
+@pytest.mark.oracle
+def test_soft_max_matches_ggml_bit_for_bit():
+    heads, T, S = 3, 24, 64
+    w = _activations(heads * T, S, 15).reshape(heads, T, S)
+    allowed = torch.arange(S)[None, :] <= torch.arange(T)[:, None] + (S - T)
+    mask = torch.zeros(T, S).masked_fill(~allowed, float("-inf"))
+    scale = 0.125
+    ref = ggml_float_op(lambda b, c, t: b.ggml_soft_max_ext(c, t[0], t[1], scale, 0.0), [w.numpy(), mask.numpy()])
+    assert torch.equal(gn.soft_max(w, allowed, scale), torch.from_numpy(ref))
+
+
+@pytest.mark.oracle
+def test_rope_matches_ggml_bit_for_bit():
+    T, H, D, base_freq = 300, 3, 64, 100000.0
+    x = _activations(T * H, D, 16).reshape(T, H, D)
+    pos = np.arange(T, dtype=np.int32)
+    # NEOX mode (2) rotates (i, i + D/2) pairs: our rotate-half layout as is
+    ref = ggml_float_op(lambda b, c, t: b.ggml_rope_ext(c, t[0], t[1], None, D, 2, 0, base_freq, 1.0, 0.0, 1.0, 0.0, 0.0),
+                        [x.numpy(), pos])
+    cos, sin = gn.RopeTable(base_freq, D).cos_sin(0, T, x.device)
+    ours = gn.rope_neox_halves(x.transpose(0, 1), cos, sin).transpose(0, 1)
+    assert torch.equal(ours, torch.from_numpy(ref))
 
 WEIGHT_TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
                 "IQ4_NL", "IQ4_XS", "MXFP4", "F16", "BF16"]

@@ -53,29 +53,22 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
     return (lp.exp() * (lp - lq)).sum(-1).numpy()
 
 
-def _llama_token_by_token(path: Path, tokens: list[int]) -> np.ndarray:
-    """llama.cpp's logits for the same tokens fed one ``llama_decode`` at a time (its decode path)."""
-    m = llama_cpp_py._load(path, vocab_only=False)
-    ctx = llama_cpp_py._Context(m, max(len(tokens), 256), 1)
-    return np.concatenate([ctx.decode([t], i, all_logits=False) for i, t in enumerate(tokens)])
-
-
 @pytest.mark.parametrize("ftype", ["Q4_K_M", "Q8_0"])
 def test_quantized_next_token_distributions_match_llama_cpp(f32_path, passage, ftype):
-    """KL(llama.cpp ‖ quantbench with llama.cpp's activation quantization) on quantized files.
+    """KL(llama.cpp ‖ quantbench with ``act_quant="ggml"``) on quantized files: mean < 1e-3.
 
-    The issue's bar (mean KL < 1e-3) is below what llama.cpp reproduces itself: the same file,
-    batched vs one token per decode, disagrees by 3e-3 (Q8_0) and 6e-3 (Q4_K_M), because 8-bit
-    activation rounding amplifies last-bit float differences. So the bar here is llama.cpp's own
-    batch-vs-decode disagreement, measured in the same test, and a loose absolute ceiling.
+    With ggml's arithmetic emulated bit for bit (activation quantizers, the AVX2 / tinyBLAS /
+    tiled dot products, RMSNorm, rope, softmax, SwiGLU: :mod:`quantbench.engine.ggml_numerics`)
+    the logits are llama.cpp's own, so the KL is far below the bar. For scale: llama.cpp does
+    not reproduce itself that closely — the same file fed one token per decode instead of one
+    batch disagrees by a mean KL of about 3e-3 (Q8_0) and 6e-3 (Q4_K_M), because 8-bit activation
+    rounding amplifies last-bit float differences between its batched and single-token kernels.
     """
     qpath = llama_tools.llama_quantize(f32_path, ftype)
     lm = load_model(qpath, act_quant="ggml")
     ref = llama_cpp_py.llama_logits(qpath, passage)
     ours = _kl(ref, _ours(lm, passage)).mean()
-    self_kl = _kl(ref, _llama_token_by_token(qpath, passage)).mean()
-    assert ours < 1.3 * self_kl, (ours, self_kl)
-    assert ours < 1e-2
+    assert ours < 1e-3, ours
 
 
 def test_perplexity_matches_llama_perplexity(f32_path, f32_model):

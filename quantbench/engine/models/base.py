@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantbench.engine import ggml_numerics as gn
 from quantbench.engine.cache import KVCache
 from quantbench.engine.linear import QExperts, QLinear
 from quantbench.engine.rope import Rope, make_rope
@@ -86,12 +87,17 @@ class ModelArgs:
 
 
 class RMSNorm(nn.Module):
+    ggml_exact = False  # llama.cpp's float ops bit for bit (set with act_quant="ggml")
+
     def __init__(self, dim: int, eps: float, offset: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ggml_exact:
+            w = self.weight.float() + self.offset if self.offset else self.weight
+            return gn.rms_norm(x, w, self.eps).to(x.dtype)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset:
@@ -106,6 +112,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    ggml_exact = False  # llama.cpp's rope, softmax and attention matmuls bit for bit
+
     def __init__(self, a: ModelArgs, i: int, prefix: str) -> None:
         super().__init__()
         self.a, self.layer = a, i
@@ -124,9 +132,30 @@ class Attention(nn.Module):
         self.sliding = a.is_sliding(i)
         s = a.query_pre_attn_scalar
         self.scale = (s ** -0.5) if s else D ** -0.5
+        self._ggml_rope: gn.RopeTable | None = None
+
+    def ggml_rope(self) -> gn.RopeTable | None:
+        """llama.cpp's rope table for this layer, or None where its scaling rule (YaRN, longrope,
+        llama3 from config values) has no exact emulation here."""
+        if self._ggml_rope is None:
+            a = self.a
+            local = self.sliding and a.rope_local_theta is not None
+            theta = a.rope_local_theta if local else a.rope_theta
+            scaling = (a.rope_local_scaling if local else a.rope_scaling) or {}
+            kind = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+            factors = None if local else a.rope_freq_factors
+            if kind == "linear":
+                freq_scale = 1.0 / float(scaling["factor"])
+            elif kind == "default" or factors is not None:
+                freq_scale = 1.0
+            else:
+                return None
+            self._ggml_rope = gn.RopeTable(theta, a.head_dim, freq_scale, factors)
+        return self._ggml_rope
 
     def forward(self, x, cos, sin, cache: KVCache | None, start: int) -> torch.Tensor:
         a = self.a
+        exact = self.ggml_exact and a.attn_softcap is None and self.ggml_rope() is not None
         B, T, _ = x.shape
         H, KV, D = a.num_heads, a.num_kv_heads, a.head_dim
         if a.fused_qkv:
@@ -139,8 +168,13 @@ class Attention(nn.Module):
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        if exact:
+            cos, sin = self.ggml_rope().cos_sin(start, T, x.device)
+            q = gn.rope_neox_halves(q, cos, sin).to(x.dtype)
+            k = gn.rope_neox_halves(k, cos, sin).to(x.dtype)
+        else:
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)
         S = k.shape[2]
@@ -152,7 +186,9 @@ class Attention(nn.Module):
         if KV != H:
             k = k.repeat_interleave(H // KV, dim=1)
             v = v.repeat_interleave(H // KV, dim=1)
-        if a.attn_softcap is None:
+        if exact:
+            o = self._attention_ggml(q, k, v, allowed, start).to(x.dtype)
+        elif a.attn_softcap is None:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale)
         else:
             w = (q @ k.transpose(-1, -2)) * self.scale
@@ -161,8 +197,20 @@ class Attention(nn.Module):
             o = torch.softmax(w.float(), dim=-1).to(q.dtype) @ v
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
 
+    def _attention_ggml(self, q, k, v, allowed, start: int) -> torch.Tensor:
+        """softmax(q k^T * scale) v with llama.cpp's float arithmetic (:mod:`ggml_numerics`); the
+        kq dot runs over the GGUF's interleaved q/k order for the architectures it permutes."""
+        from quantbench.engine.models import module_for_arch
+
+        s = self.a.query_pre_attn_scalar or self.a.head_dim
+        scale = float(gn.cdiv(1.0, gn.sqrt32(torch.tensor([float(s)]))))  # 1.0f/sqrtf(s)
+        interleaved = getattr(module_for_arch(self.a.arch), "GGUF_PERMUTES_QK", False)
+        return gn.attention(q, k, v, allowed, scale, interleaved, start)
+
 
 class MLP(nn.Module):
+    ggml_exact = False  # llama.cpp's SwiGLU bit for bit
+
     def __init__(self, a: ModelArgs, prefix: str) -> None:
         super().__init__()
         self.a = a
@@ -181,6 +229,8 @@ class MLP(nn.Module):
             g, u = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             g, u = self.gate_proj(x), self.up_proj(x)
+        if self.ggml_exact and self.a.hidden_act in ("silu", "swish"):
+            return self.down_proj(gn.swiglu(g, u).to(x.dtype))
         return self.down_proj(self.act(g) * u)
 
 
@@ -284,6 +334,17 @@ class Model(nn.Module):
         a = self.args
         dev = self.model.norm.weight.device
         return KVCache(a.num_layers, batch, a.num_kv_heads, a.head_dim, max_len, self.dtype, dev)
+
+    def set_act_quant(self, mode: str) -> None:
+        """``"ggml"``: every packed linear layer quantizes its input as llama.cpp's CPU backend
+        does, and norms, rope/attention and SwiGLU switch to llama.cpp's exact float ops
+        (:mod:`quantbench.engine.ggml_numerics`), so logits reproduce llama.cpp's bit for bit
+        where those ops are emulated. ``"none"``: float activations, the plain ops."""
+        for layer in self.linear_layers():
+            layer.act_quant = mode
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, Attention, MLP)):
+                m.ggml_exact = mode == "ggml"
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0,
                 last_only: bool = False) -> torch.Tensor:

@@ -234,6 +234,12 @@ class BertModel(nn.Module):
             if isinstance(m, QLinear):
                 yield m
 
+    def set_act_quant(self, mode: str) -> None:
+        """``"ggml"``: packed layers quantize their input as llama.cpp's CPU backend does (the
+        encoder's other ops have no exact-ggml variant); ``"none"``: float activations."""
+        for layer in self.linear_layers():
+            layer.act_quant = mode
+
 
 def _strip_prefix(names: list[str]) -> str:
     """``"bert."`` when the checkpoint came from a task head, else ``""``."""
