@@ -34,7 +34,9 @@ pytestmark = pytest.mark.oracle
 CALIBRATION = llama_tools.SHARED_DATA / "calibration_datav3.txt"
 WIKI = llama_tools.SHARED_DATA / "wiki.test.raw"
 CAL_CHUNKS, CAL_CTX = 4, 256
-FTYPES = ["Q2_K", "Q3_K_M", "Q4_K_M", "IQ4_XS"]
+# Q4_K_M with an imatrix is also held to llama-quantize (llama-imatrix's file) in
+# test_quantize_gguf_vs_llama_quantize.py; kept out here for the suite's time.
+FTYPES = ["Q2_K", "Q3_K_M", "IQ4_XS"]
 IMATRIX_KEYS = ("quantize.imatrix.file", "quantize.imatrix.dataset", "quantize.imatrix.entries_count",
                 "quantize.imatrix.chunks_count")
 
@@ -176,7 +178,7 @@ def base_logits(f32_lm, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("ftype", ["Q2_K", "Q3_K_M"])
+@pytest.mark.parametrize("ftype", ["Q2_K"])
 def test_imatrix_lowers_kld(ftype: str, f32_model: Path, ours, base_logits: Path) -> None:
     """With the imatrix, mean KLD vs F32 (and PPL) on 4x512 WikiText-2 tokens is lower than without.
 
