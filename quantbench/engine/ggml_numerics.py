@@ -37,7 +37,7 @@ EXACT_MATMUL_TYPES = ("Q8_0", "Q5_0", "Q4_0", "Q4_K", "Q6_K")
 
 TILED_MIN_ROWS = 8  # ggml_tiled_min_batch: K-quant mul_mat switches to the tiled kernel
 _LANE_ELEMS = 4  # int32 lane = 4 consecutive int8 products (maddubs pairs, madd pairs)
-_ELEMS_PER_TEMP = 1 << 23  # bound on [lanes, tokens, out] temporaries (elements)
+_ELEMS_PER_TEMP = 1 << 21  # bound on [lanes, tokens, out] temporaries (elements)
 
 
 def hsum_float_8(v: torch.Tensor) -> torch.Tensor:
@@ -186,21 +186,21 @@ def _chain(xl: torch.Tensor, wl: torch.Tensor, dx: torch.Tensor, dw: torch.Tenso
     integers below 2^24, float64 where a lane could exceed that) minus ``sub[b]`` if given, and
     ``d_b`` [T, O] is the float32 product of the activation scale ``dx[:, b]`` and the weight
     scale ``dw[:, b]``."""
-    nb, _, T, _ = xl.shape
+    nb, _, T, G = xl.shape
     O = wl.shape[-1]
+    # every block's lane sums in one batched product, then the sequential FMA chain over blocks
+    if bmm_dtype == torch.float32:
+        S = torch.bmm(xl.reshape(nb * 8, T, G), wl.reshape(nb * 8, G, O)).reshape(nb, 8, T, O)
+    else:
+        S64 = torch.bmm(xl.reshape(nb * 8, T, G).double(), wl.reshape(nb * 8, G, O).double()).reshape(nb, 8, T, O)
+        if sub is not None:
+            S64 -= sub
+        S = S64.float()  # _mm256_cvtepi32_ps: round to nearest float32
+        del S64
+    d64 = (dx.t().unsqueeze(-1) * dw.t().unsqueeze(1)).double()  # [nb, T, O]: float32 products
     acc = torch.zeros(8, T, O, dtype=torch.float32, device=xl.device)
-    s = torch.empty(8, T, O, dtype=torch.float32, device=xl.device)
-    d64 = torch.empty(T, O, dtype=torch.float64, device=xl.device)
     for b in range(nb):
-        if bmm_dtype == torch.float32:
-            torch.bmm(xl[b], wl[b], out=s)
-        else:
-            s64 = torch.bmm(xl[b].double(), wl[b].double())
-            if sub is not None:
-                s64 -= sub[b]
-            s.copy_(s64)  # _mm256_cvtepi32_ps: round to nearest float32
-        d64.copy_(dx[:, b:b + 1] * dw[:, b])  # one float32 product, held in float64
-        _fma_into(acc, s, d64)
+        _fma_into(acc, S[b], d64[b])
     return acc
 
 
@@ -274,7 +274,8 @@ def ggml_quant_matmul(x: torch.Tensor, parts: "GGMLWeightParts") -> torch.Tensor
         raise ShapeError(f"input has {xq.shape[1]} features, the {parts.qtype} weight {K}")
     # ggml-cpu takes its tiled kernel for K-quant weights from 8 input rows on
     tiled = parts.blocks is not None and T >= TILED_MIN_ROWS
-    step = max(1, _ELEMS_PER_TEMP // (8 * O))
+    nb = parts.d.shape[1]
+    step = max(1, _ELEMS_PER_TEMP // (8 * O * (1 if tiled else nb)))  # the lane sums of every block
     outs = [_matmul_chunk(xq[i:i + step], dx[i:i + step], parts, tiled) for i in range(0, T, step)]
     return torch.cat(outs, 0).reshape(*lead, O)
 
