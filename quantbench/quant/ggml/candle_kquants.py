@@ -36,6 +36,7 @@ from quantbench.quant.ggml.common import (
     first_absmax,
     fp16_bytes,
     fp16_round,
+    quantize_block_chunks,
     roundf,
     seq_sum,
     sqrtf,
@@ -578,18 +579,11 @@ def quantize_rows_candle(
         qwb = qw.reshape(n // QK_K, QK_K).to(device=x.device, dtype=torch.float32)
         if not bool(torch.isfinite(qwb).all()):
             raise ImatrixError(f"{name} (candle): importance vector holds NaN or inf values")
-    xb = x.reshape(-1, QK_K)
-    if xb.shape[0] == 0:
+    if x.numel() == 0:
         return torch.empty(rows, 0, dtype=torch.uint8, device=x.device)
-    nb_row = n // QK_K
-    step = _CHUNK if x.device.type == "cpu" else _CHUNK_ACCEL
-    out = []
-    for s in range(0, xb.shape[0], step):
-        chunk = xb[s : s + step]
-        # Block k of the tensor takes importance block k % (n/256), as candle's ``imatrix_row``.
-        wb = None if qwb is None else qwb[torch.arange(s, s + chunk.shape[0], device=x.device) % nb_row]
-        out.append(fn(chunk, wb))
-    blocks = torch.cat(out)
+    # block k of the tensor takes importance block k % (n/256), as candle's ``imatrix_row``
+    out = quantize_block_chunks(x, qwb, QK_K, fn, _CHUNK, _CHUNK_ACCEL)
+    blocks = out.reshape(-1, out.shape[1] // (n // QK_K))
     if qwb is not None and not allow_nonfinite:
         lo, hi = _SCALE_BYTES[name]
         bad = int((~torch.isfinite(blocks[:, lo:hi].contiguous().view(torch.float16))).any(1).sum())
@@ -598,4 +592,4 @@ def quantize_rows_candle(
                 f"{name} (candle): {bad} of {blocks.shape[0]} blocks get NaN/inf scales from this importance "
                 f"(all-zero importance over whole sub-blocks; mistral.rs 0.9.5 writes the same broken blocks)"
             )
-    return blocks.reshape(rows, -1)
+    return out
