@@ -10,9 +10,11 @@ which is exact because every GGML block runs along a row.
 from __future__ import annotations
 
 import re
+from typing import Any, Iterator
 
 import torch
 
+from quantbench.errors import FormatError
 from quantbench.quant import QTensor
 
 TOP = {
@@ -78,6 +80,20 @@ def gguf_to_hf(name: str, table: dict[str, str]) -> str | None:
     if not m or m.group(2) not in table:
         return None
     return f"model.layers.{m.group(1)}.{table[m.group(2)]}.{m.group(3)}"
+
+
+def model_tensors(gf, args) -> Iterator[tuple[Any, str]]:
+    """(GGUF tensor, HF name) for every model tensor of ``gf`` (an open GGUF file) whose
+    architecture is ``args`` (a ``ModelArgs``): auxiliary tensors (rope tables...) are skipped,
+    and a tensor with no place in the model is a :class:`FormatError` naming it."""
+    table = block_table(args.sandwich_norm, args.fused_gate_up, args.moe_block_name)
+    for t in gf.tensors:
+        if t.name in AUX_TENSORS:
+            continue
+        hf = gguf_to_hf(t.name, table)
+        if hf is None:
+            raise FormatError(f"{gf.path}: tensor {t.name} has no place in a {args.arch} model")
+        yield t, hf
 
 
 def hf_to_gguf(name: str, table: dict[str, str]) -> str | None:

@@ -179,13 +179,7 @@ def gguf_args(gf) -> tuple[ModelArgs, Any]:
 
 def gguf_items(gf, args: ModelArgs, mod, dequantize: bool = False) -> Iterator[Item]:
     """(HF name, float tensor or packed QTensor) for every model tensor of a GGUF file."""
-    table = gguf_names.block_table(args.sandwich_norm, args.fused_gate_up, args.moe_block_name)
-    for t in gf.tensors:
-        if t.name in gguf_names.AUX_TENSORS:
-            continue
-        hf = gguf_names.gguf_to_hf(t.name, table)
-        if hf is None:
-            raise FormatError(f"{gf.path}: tensor {t.name} has no place in a {args.arch} model")
+    for t, hf in gguf_names.model_tensors(gf, args):
         if t.ggml_type in FLOAT_GGML or dequantize:
             value: torch.Tensor | QTensor = t.float_rows().reshape(t.shape)
         else:

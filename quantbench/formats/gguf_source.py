@@ -253,15 +253,9 @@ def hf_tensor_plan(src: str | os.PathLike[str] | GGUFFile, per_expert: bool = Tr
     """
     gf = open_gguf(src)
     args, mod = _args(gf)
-    table = gguf_names.block_table(args.sandwich_norm, args.fused_gate_up, args.moe_block_name)
     shifted = bool(getattr(mod, "GGUF_NORM_SHIFTED", False))
     plan: list[HFTensor] = []
-    for t in gf.tensors:
-        if t.name in gguf_names.AUX_TENSORS:
-            continue
-        hf = gguf_names.gguf_to_hf(t.name, table)
-        if hf is None:
-            raise FormatError(f"{gf.path}: tensor {t.name} has no place in a {args.arch} model")
+    for t, hf in gguf_names.model_tensors(gf, args):
         heads = gguf_names.permuted_heads(hf, args.num_heads, args.num_kv_heads, mod.GGUF_PERMUTES_QK)
         shift = shifted and hf.endswith("norm.weight")
         if per_expert and ".experts." in hf and len(t.shape) == 3:

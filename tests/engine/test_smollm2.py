@@ -1,4 +1,4 @@
-"""The engine on the real SmolLM2-135M against llama.cpp itself: logits, KLD, PPL, greedy text."""
+"""The engine on the real SmolLM2-135M against llama.cpp itself: logits, PPL, greedy text (KLD: test_smollm2_kl.py)."""
 
 from __future__ import annotations
 
@@ -6,22 +6,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from quantbench.engine import load_model
 from quantbench.engine.generate import generate
 from quantbench.engine.perplexity import evaluate
 from tests import llama_tools
+from tests.engine import smollm2_case as case
 from tests.oracles import llama_cpp_py
-from tests.plan.make_f32_gguf import make_f32_gguf, smollm2_gguf
 
 pytestmark = pytest.mark.oracle
-WIKI = llama_tools.SHARED_DATA / "wiki.test.raw"
+WIKI = case.WIKI
 
 
 @pytest.fixture(scope="module")
 def f32_path() -> Path:
-    return make_f32_gguf(smollm2_gguf())
+    return case.f32_path()
+
+
+@pytest.fixture(scope="module")
+def passage(f32_path) -> list[int]:
+    return case.passage(f32_path)
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +33,9 @@ def f32_model(f32_path):
     return load_model(f32_path)
 
 
-@pytest.fixture(scope="module")
-def passage(f32_model) -> list[int]:
-    text = WIKI.read_text(encoding="utf-8")[5000:20000]
-    return f32_model.tokenizer.encode(text)[:256]
-
-
-def _ours(lm, tokens: list[int]) -> np.ndarray:
-    with torch.inference_mode():
-        return lm.model(torch.tensor([tokens])).numpy()[0]
-
-
 def test_f32_logits_match_llama_cpp(f32_path, f32_model, passage):
     ref = llama_cpp_py.llama_logits(f32_path, passage)
-    ours = _ours(f32_model, passage)
+    ours = case.logits(f32_model, passage)
     assert ours.shape == ref.shape
     assert np.abs(ours - ref).max() < 1e-2
 

@@ -11,30 +11,22 @@ import pytest
 import torch
 
 from quantbench.engine import load_model
-from quantbench.engine.tokenizer import Tokenizer
 from tests import llama_tools
+from tests.engine import smollm2_case as case
 from tests.oracles import llama_cpp_py
-from tests.plan.make_f32_gguf import make_f32_gguf, smollm2_gguf
 
 pytestmark = pytest.mark.oracle
-WIKI = llama_tools.SHARED_DATA / "wiki.test.raw"
+WIKI = case.WIKI
 
 
 @pytest.fixture(scope="module")
 def f32_path() -> Path:
-    return make_f32_gguf(smollm2_gguf())
+    return case.f32_path()
 
 
 @pytest.fixture(scope="module")
 def passage(f32_path) -> list[int]:
-    """The 256-token passage test_smollm2.py compares F32 logits on."""
-    text = WIKI.read_text(encoding="utf-8")[5000:20000]
-    return Tokenizer.from_gguf(f32_path).encode(text)[:256]
-
-
-def _ours(lm, tokens: list[int]) -> np.ndarray:
-    with torch.inference_mode():
-        return lm.model(torch.tensor([tokens])).numpy()[0]
+    return case.passage(f32_path)
 
 
 def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
@@ -57,5 +49,5 @@ def test_quantized_next_token_distributions_match_llama_cpp(f32_path, passage, f
     qpath = llama_tools.llama_quantize(f32_path, ftype)
     lm = load_model(qpath, act_quant="ggml")
     ref = llama_cpp_py.llama_logits(qpath, passage)
-    ours = _kl(ref, _ours(lm, passage)).mean()
+    ours = _kl(ref, case.logits(lm, passage)).mean()
     assert ours < 1e-3, ours
